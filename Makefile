@@ -1,0 +1,38 @@
+# The two commands the README gives: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8080
+DATA ?= ../shared/data/cifar10-train-jpeg.tar.gz
+DATA_DIR ?= .cache/cifar10
+
+.PHONY: install run test train evaluate data
+
+install: $(VENV)/.installed
+
+# Idempotent: re-runs only when pyproject.toml changes. torch/torchvision come from the machine's
+# local wheel cache where pip has one (see README).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[train,test]'
+	touch $@
+
+run: install
+	$(PY) -m predictor --http_port $(PORT)
+
+test: install
+	$(PY) -m pytest -q
+
+$(DATA_DIR)/train: $(DATA)
+	mkdir -p $(DATA_DIR) && tar -xzf $(DATA) -C $(DATA_DIR)
+	touch $@
+
+data: $(DATA_DIR)/train
+
+# Full training run (hours on a 2-core CPU; minutes on a GPU). Writes predictor/weights/.
+train: install data
+	$(PY) -m predictor.train --data $(DATA_DIR)/train --epochs 15
+
+evaluate: install data
+	$(PY) -m predictor.evaluate --data $(DATA_DIR)/train

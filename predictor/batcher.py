@@ -1,0 +1,109 @@
+"""Dynamic batching: requests that arrive together share one forward pass.
+
+Callers `await submit(images)`; one worker task drains the queue into batches of at most
+`max_batch_size` images, waiting at most `max_delay` for company once the first request is in, and
+runs each batch in a single dedicated thread so the event loop never blocks. While a batch runs, the
+next one fills up, so under load batches grow on their own and a lone request is not held back.
+"""
+
+import asyncio
+import concurrent.futures
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import metrics
+
+
+@dataclass
+class _Pending:
+    images: np.ndarray
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class DynamicBatcher:
+    """Stacks concurrent requests into batches for `forward` ([N,32,32,3] uint8 -> [N,10])."""
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_ms: float):
+        self.forward = forward
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay_ms / 1000.0
+        self._pending: deque[_Pending] = deque()
+        self._queued_images = 0
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """Logits for `images`, computed in as few forward passes as the traffic allows."""
+        self._ensure_worker()
+        chunks = [_Pending(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
+        for chunk in chunks:
+            self._pending.append(chunk)
+            self._queued_images += len(chunk.images)
+            metrics.QUEUE_DEPTH.inc(len(chunk.images))
+        self._arrived.set()
+        return np.concatenate([await chunk.future for chunk in chunks])
+
+    def _ensure_worker(self) -> None:
+        # Created on first use so they belong to the serving event loop (and to each worker process).
+        if self._worker is None or self._worker.done():
+            self._arrived = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
+
+    async def _wait_for_arrival(self, timeout: float | None) -> bool:
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _next_batch(self) -> list[_Pending]:
+        while not self._pending:
+            await self._wait_for_arrival(None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_delay
+        while self._queued_images < self.max_batch_size:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not await self._wait_for_arrival(remaining):
+                break
+        batch = [self._pending.popleft()]
+        size = len(batch[0].images)
+        # Whole requests only: a chunk that does not fit starts the next batch.
+        while self._pending and size + len(self._pending[0].images) <= self.max_batch_size:
+            batch.append(self._pending.popleft())
+            size += len(batch[-1].images)
+        self._queued_images -= size
+        metrics.QUEUE_DEPTH.dec(size)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+            metrics.BATCH_SIZE.observe(len(images))
+            try:
+                logits = await loop.run_in_executor(self._thread, self.forward, images)
+            except Exception as exc:  # a failed pass fails only the requests in it
+                metrics.FORWARD_FAILURES.inc()
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            start = 0
+            for pending in batch:
+                end = start + len(pending.images)
+                if not pending.future.done():  # the caller may have gone away
+                    pending.future.set_result(logits[start:end])
+                start = end
+
+    def __getstate__(self) -> dict:
+        # Only the settings travel to worker processes; queue, task and thread are made there.
+        return {"forward": self.forward, "max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay * 1000}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)

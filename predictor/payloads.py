@@ -1,0 +1,114 @@
+"""Request bodies of every protocol -> image bytes, and probabilities -> each protocol's response."""
+
+import base64
+import binascii
+from datetime import datetime, timezone
+
+import numpy as np
+import orjson
+from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
+
+from .errors import ApiError
+from .network import CLASSES, IMAGE_SIZE
+
+PIXELS_SHAPE = [-1, IMAGE_SIZE, IMAGE_SIZE, 3]
+V2_INPUTS = [
+    {"name": "image", "datatype": "BYTES", "shape": [-1],
+     "parameters": {"content": "base64-encoded JPEG or PNG, one per element (JSON only)"}},
+    {"name": "pixels", "datatype": "UINT8", "shape": PIXELS_SHAPE,
+     "parameters": {"content": "RGB images, HWC, already 32x32 (JSON or binary-data extension)"}},
+]
+V2_OUTPUTS = [
+    {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(CLASSES)]},
+    {"name": "label", "datatype": "BYTES", "shape": [-1]},
+]
+
+
+def b64decode(text: object, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise ApiError(400, "invalid_base64", f"{where}: expected a base64 string.")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "invalid_base64", f"{where}: not valid base64.") from None
+
+
+def json_object(body: bytes) -> dict:
+    """A JSON body sent without a JSON content type (e.g. plain `curl -d`)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"The body is neither an image nor valid JSON: {exc}") from None
+
+
+def v1_instances(body: dict, max_images: int) -> list[bytes]:
+    """{"instances": [{"image": {"b64": ...}} | {"b64": ...}, ...]} -> image bytes per instance."""
+    instances = body.get("instances") if isinstance(body, dict) else None
+    if not isinstance(instances, list) or not instances:
+        raise ApiError(400, "invalid_request", 'Expected {"instances": [{"image": {"b64": "..."}}, ...]} with at least one instance.')
+    if len(instances) > max_images:
+        raise ApiError(413, "too_many_images", f"{len(instances)} instances exceed the limit of {max_images}.")
+    out = []
+    for i, instance in enumerate(instances):
+        image = instance.get("image", instance) if isinstance(instance, dict) else None
+        if not isinstance(image, dict) or "b64" not in image:
+            raise ApiError(400, "invalid_request", f'instances[{i}]: expected {{"image": {{"b64": "..."}}}}.')
+        out.append(b64decode(image["b64"], f"instances[{i}].image.b64"))
+    return out
+
+
+def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None, np.ndarray | None]:
+    """The single v2 input -> (encoded images, None) for BYTES or (None, pixels [N,32,32,3]) for UINT8."""
+    if len(request.inputs) != 1:
+        raise ApiError(400, "invalid_request", f"Expected exactly one input ('image' BYTES or 'pixels' UINT8), got {len(request.inputs)}.")
+    tensor: InferInput = request.inputs[0]
+    shape = list(tensor.shape or [])
+    count = shape[0] if shape else 0
+    if count > max_images:
+        raise ApiError(413, "too_many_images", f"{count} images exceed the limit of {max_images}.")
+    if tensor.datatype == "BYTES":
+        if (tensor.parameters or {}).get("binary_data_size") is not None:
+            raise ApiError(400, "unsupported_binary_bytes",
+                           "BYTES inputs over the binary-data extension are not supported (kserve 0.21 re-encodes them "
+                           "as text); send base64 strings in JSON, or a UINT8 'pixels' tensor as binary.")
+        if len(shape) != 1 or not isinstance(tensor.data, list) or len(tensor.data) != count or count < 1:
+            raise ApiError(400, "invalid_shape", f"BYTES input must have shape [N] with N >= 1 base64 strings, got shape {shape}.")
+        return [b64decode(item, f"{tensor.name}[{i}]") for i, item in enumerate(tensor.data)], None
+    if tensor.datatype == "UINT8":
+        if len(shape) != 4 or shape[1:] != PIXELS_SHAPE[1:] or count < 1:
+            raise ApiError(400, "invalid_shape", f"UINT8 input must have shape [N, 32, 32, 3], got {shape}.")
+        try:
+            pixels = tensor.as_numpy()
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ApiError(400, "invalid_tensor", f"UINT8 data does not match shape {shape}: {exc}") from None
+        return None, np.ascontiguousarray(pixels, dtype=np.uint8)
+    raise ApiError(400, "unsupported_datatype", f"Input datatype {tensor.datatype} is not accepted; use BYTES (base64 images) or UINT8 [N,32,32,3].")
+
+
+def classification(probabilities: np.ndarray, top_k: int | None = None) -> dict:
+    """One image's result in the seed's shape (plus top_k when asked for)."""
+    best = int(probabilities.argmax())
+    result = {
+        "predicted_class": CLASSES[best],
+        "confidence": round(float(probabilities[best]), 6),
+        "all_probabilities": {name: round(float(p), 6) for name, p in zip(CLASSES, probabilities)},
+    }
+    if top_k:
+        order = np.argsort(-probabilities)[:top_k]
+        result["top_k"] = [{"class": CLASSES[i], "probability": round(float(probabilities[i]), 6)} for i in order]
+    return result
+
+
+def timestamp() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def v2_response(request: InferRequest, model_name: str, version: str, probabilities: np.ndarray) -> InferResponse:
+    labels = np.array([CLASSES[i] for i in probabilities.argmax(1)], dtype=np.object_)
+    outputs = [
+        InferOutput("probabilities", list(probabilities.shape), "FP32"),
+        InferOutput("label", [len(labels)], "BYTES"),
+    ]
+    outputs[0].set_data_from_numpy(probabilities.astype(np.float32), binary_data=False)
+    outputs[1].set_data_from_numpy(labels, binary_data=False)
+    return InferResponse(response_id=request.id, model_name=model_name, model_version=version, infer_outputs=outputs)

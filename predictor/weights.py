@@ -1,0 +1,71 @@
+"""Shipped weights and their model card: saving, and loading with integrity checks."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .network import build_resnet18
+
+WEIGHTS_FILE = "resnet18_cifar10.safetensors"
+CARD_FILE = "model_card.json"
+PACKAGED_DIR = Path(__file__).parent / "weights"
+
+
+class WeightsError(Exception):
+    """Weights that must not be served: missing, corrupt, tampered with or for another network."""
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_weights(model: torch.nn.Module, directory: Path) -> Path:
+    """Write the state dict as fp16 safetensors (half the size; accuracy is checked on this file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / WEIGHTS_FILE
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return path
+
+
+def read_card(directory: Path) -> dict:
+    path = Path(directory) / CARD_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: model card is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: model card is not valid JSON ({exc})") from None
+
+
+def load_model(directory: Path) -> tuple[torch.nn.Module, dict]:
+    """(fp32 network in eval mode, model card) from a model directory, verifying the card's sha256."""
+    directory = Path(directory)
+    card = read_card(directory)
+    path = directory / card.get("weights_file", WEIGHTS_FILE)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file is missing")
+    expected = card.get("weights_sha256")
+    actual = sha256_of(path)
+    if expected != actual:
+        raise WeightsError(f"{path}: sha256 {actual} does not match the model card's {expected}")
+    return network_from_file(path), card
+
+
+def network_from_file(path: Path) -> torch.nn.Module:
+    """fp32 network in eval mode from a safetensors file (stored fp16 or fp32)."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    model = build_resnet18()
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError as exc:
+        first = " ".join(str(exc).strip().splitlines()[:2])
+        raise WeightsError(f"{path}: weights do not fit the ResNet18 CIFAR-10 network ({first})") from None
+    return model.eval()
