@@ -67,10 +67,6 @@ def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None
     if count > max_images:
         raise ApiError(413, "too_many_images", f"{count} images exceed the limit of {max_images}.")
     if tensor.datatype == "BYTES":
-        if (tensor.parameters or {}).get("binary_data_size") is not None:
-            raise ApiError(400, "unsupported_binary_bytes",
-                           "BYTES inputs over the binary-data extension are not supported (kserve 0.21 re-encodes them "
-                           "as text); send base64 strings in JSON, or a UINT8 'pixels' tensor as binary.")
         if len(shape) != 1 or not isinstance(tensor.data, list) or len(tensor.data) != count or count < 1:
             raise ApiError(400, "invalid_shape", f"BYTES input must have shape [N] with N >= 1 base64 strings, got shape {shape}.")
         return [b64decode(item, f"{tensor.name}[{i}]") for i, item in enumerate(tensor.data)], None

@@ -5,11 +5,13 @@ KServe's ModelServer and by every worker process it spawns.
 """
 
 import time
+
+import orjson
 from contextlib import asynccontextmanager
 
 from fastapi import File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from kserve import errors as kserve_errors
 from kserve.model_server import app
 from starlette.exceptions import HTTPException
@@ -25,8 +27,8 @@ _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "metho
           415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> ORJSONResponse:
-    return ORJSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def _serving_model():
@@ -101,6 +103,10 @@ async def _kserve_model_not_ready(_: Request, exc: Exception):
     return _error(503, "model_not_ready", str(exc))
 
 
+async def _kserve_inference_error(_: Request, exc: Exception):
+    return _error(500, "inference_error", str(exc))
+
+
 async def _internal_error(_: Request, exc: Exception):
     return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
@@ -112,6 +118,7 @@ _HANDLERS = {
     kserve_errors.InvalidInput: _kserve_invalid_input,
     kserve_errors.ModelNotFound: _kserve_model_not_found,
     kserve_errors.ModelNotReady: _kserve_model_not_ready,
+    kserve_errors.InferenceError: _kserve_inference_error,
     Exception: _internal_error,
 }
 
@@ -161,6 +168,11 @@ class RequestGuard:
                     scope, receive, send_and_record)
                 return self._record(scope, status["code"], started)
             receive = self._counting(receive, limit)
+            if dict(scope["headers"]).get(b"inference-header-content-length") is not None:
+                receive, refusal = await self._screen_v2_binary(scope, receive)
+                if refusal is not None:
+                    await refusal(scope, receive, send_and_record)
+                    return self._record(scope, status["code"], started)
         try:
             await self.app(scope, receive, send_and_record)
         finally:
@@ -181,6 +193,38 @@ class RequestGuard:
             return message
 
         return counted
+
+    @staticmethod
+    async def _screen_v2_binary(scope, receive):
+        """Refuse BYTES inputs sent over the v2 binary-data extension, which kserve 0.21 garbles.
+
+        Reads the (already size-limited) body, looks at the JSON header's inputs, and otherwise
+        hands the body on unchanged. Returns (receive for the app, error response or None).
+        """
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+
+        async def replay():
+            nonlocal body
+            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            return message
+
+        declared = dict(scope["headers"]).get(b"inference-header-content-length", b"")
+        try:
+            header = orjson.loads(body[: int(declared)])
+            binary_bytes = [i.get("name") for i in header.get("inputs", []) if i.get("datatype") == "BYTES"
+                            and "binary_data_size" in (i.get("parameters") or {})]
+        except (ValueError, TypeError, AttributeError):
+            return replay, None  # malformed: KServe's parser gives the precise error
+        if not binary_bytes:
+            return replay, None
+        return replay, _error(400, "unsupported_binary_bytes",
+                              f"BYTES input(s) {binary_bytes} over the binary-data extension are not supported (kserve 0.21 "
+                              "re-encodes them as text); send base64 strings in JSON, or a UINT8 'pixels' tensor as binary.")
 
     @staticmethod
     def _record(scope, code: int, started: float) -> None:

@@ -1,0 +1,123 @@
+"""Measure the served pipeline on the held-out validation split: accuracy, per-class accuracy, ECE.
+
+    python -m predictor.evaluate --data /tmp/cifar10/train                  # in-process, shipped weights
+    python -m predictor.evaluate --data /tmp/cifar10/train --url http://host:8080   # a running server
+
+Both modes send the JPEG files through exactly what serving runs (the same Cifar10Classifier
+preprocess -> batcher -> postprocess, or the live /classify/batch endpoint), so what is measured is
+what is served. The validation split is re-derived from the model card's split seed and size.
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calibration import expected_calibration_error
+from .data import list_image_folder, stratified_split
+from .model import Cifar10Classifier, ClassifyRequest, Settings
+from .network import CLASSES
+from .weights import PACKAGED_DIR, WeightsError, read_card
+
+CHUNK = 64  # files per request: /classify/batch's default limit
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="ImageFolder-layout directory the model was trained from")
+    p.add_argument("--model_dir", type=Path, default=PACKAGED_DIR, help="weights + model card (also gives the split)")
+    p.add_argument("--split", choices=["validation", "all"], default="validation",
+                   help="the model card's held-out split, or every image under --data")
+    p.add_argument("--url", help="evaluate a running server (its /classify/batch) instead of in-process")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="where metrics JSON and the confusion-matrix PNG go")
+    return p.parse_args(argv)
+
+
+def select_files(data: Path, card: dict, split: str) -> list[tuple[str, int]]:
+    if (data / "train").is_dir() and not any((data / c).is_dir() for c in CLASSES):
+        data = data / "train"
+    entries = [(str(data / rel), label) for rel, label in list_image_folder(data)]
+    if split == "all":
+        return entries
+    info = card["data"]
+    _, val = stratified_split(np.array([label for _, label in entries]), info["validation_images"], info["split_seed"])
+    return [entries[i] for i in val]
+
+
+def chunks(files: list[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
+    for start in range(0, len(files), CHUNK):
+        yield files[start:start + CHUNK]
+
+
+async def classify_in_process(files: list[tuple[str, int]], model_dir: Path, device: str) -> list[dict]:
+    model = Cifar10Classifier("evaluate", Settings(model_dir=model_dir, device=device, max_batch_size=CHUNK))
+    model.load()
+    results = []
+    for chunk in chunks(files):
+        response, _ = await model(ClassifyRequest([Path(path).read_bytes() for path, _ in chunk]))
+        results.extend(response["results"])
+    return results
+
+
+def classify_over_http(files: list[tuple[str, int]], url: str) -> list[dict]:
+    import httpx
+
+    results = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for chunk in chunks(files):
+            uploads = [("files", (Path(p).name, Path(p).read_bytes(), "image/jpeg")) for p, _ in chunk]
+            response = client.post("/classify/batch", files=uploads)
+            response.raise_for_status()
+            results.extend(response.json()["results"])
+    return results
+
+
+def summarize(results: list[dict], labels: np.ndarray) -> dict:
+    failed = [i for i, r in enumerate(results) if "error" in r]
+    if failed:
+        raise SystemExit(f"{len(failed)} images failed to classify, e.g. {results[failed[0]]}")
+    probabilities = torch.tensor([[r["all_probabilities"][c] for c in CLASSES] for r in results])
+    probabilities = probabilities / probabilities.sum(1, keepdim=True)  # undo 6-digit rounding
+    predicted = np.array([CLASSES.index(r["predicted_class"]) for r in results])  # the served answer
+    return {
+        "images": len(labels),
+        "accuracy": round(float((predicted == labels).mean()), 4),
+        "per_class_accuracy": {c: round(float((predicted[labels == i] == i).mean()), 4) for i, c in enumerate(CLASSES)},
+        "ece_15_bins": round(expected_calibration_error(probabilities, torch.from_numpy(labels)), 4),
+        "predicted": predicted,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        card = read_card(args.model_dir)
+    except WeightsError as exc:
+        raise SystemExit(str(exc)) from None
+    files = select_files(Path(args.data), card, args.split)
+    if args.url:
+        results = classify_over_http(files, args.url)
+    else:
+        results = asyncio.run(classify_in_process(files, args.model_dir, args.device))
+    labels = np.array([label for _, label in files])
+    summary = summarize(results, labels)
+    predicted = summary.pop("predicted")
+    summary["source"] = args.url or f"in-process, {args.model_dir}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    from . import reports
+    reports.confusion_matrix(predicted, labels, args.out / "confusion_matrix.png")
+    (args.out / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"images {summary['images']}  accuracy {summary['accuracy']:.4f}  ECE(15 bins) {summary['ece_15_bins']:.4f}")
+    for name, accuracy in summary["per_class_accuracy"].items():
+        print(f"  {name:<11} {accuracy:.4f}")
+    print(f"wrote {args.out / 'evaluation.json'} and {args.out / 'confusion_matrix.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Shared fixtures: real server processes (`python -m predictor ...`) on free ports, and test images."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES = Path(__file__).resolve().parent / "images"
+SHARED_DATA = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+MODEL_NAME = "cifar10-resnet18"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running `python -m predictor` process and an HTTP client bound to it."""
+
+    def __init__(self, *args: str, env: dict | None = None, timeout: float = 180):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"predictor-test-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "predictor", "--http_port", str(self.port), "--enable_grpc", "false", *args],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The predictor with its shipped weights and default settings."""
+    srv = Server()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def strict_server():
+    """The predictor with small limits, to exercise every limit quickly."""
+    srv = Server("--max_body_bytes", "200000", "--max_batch_files", "4", "--max_image_side", "512", "--max_batch_size", "8")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def cifar_jpegs() -> dict[str, bytes]:
+    """Real CIFAR-10 training JPEGs shipped in tests/images, by file name."""
+    return {p.name: p.read_bytes() for p in sorted(IMAGES.glob("*.jpg"))}
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
