@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads on CPU (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="end this run once this many epochs are done (the schedule still spans --epochs); "
+                        "continue later with --resume")
     return p.parse_args(argv)
 
 
@@ -90,7 +93,7 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray, device: torch.dev
     return torch.cat(chunks)
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace) -> dict | None:
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,6 +173,9 @@ def train(args: argparse.Namespace) -> dict:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                     "args": vars(args)}, checkpoint_path)
+        if args.stop_after and epoch + 1 >= args.stop_after and epoch + 1 < args.epochs:
+            log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
+            return None
     return export(model, data, val_set, history, args)
 
 
@@ -219,9 +225,9 @@ def export(model: torch.nn.Module, data: Dataset, val_set: Dataset, history: lis
     return card
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    train(parse_args(argv))
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":
