@@ -8,6 +8,8 @@ DATA_DIR ?= .cache/cifar10
 
 .PHONY: install run test train evaluate data
 
+include deploy.mk
+
 install: $(VENV)/.installed
 
 # Idempotent: re-runs only when pyproject.toml changes. torch/torchvision come from the machine's
@@ -21,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m predictor --http_port $(PORT)
 
-test: install
+test: install deploy-tools
 	$(PY) -m pytest -q
 
 $(DATA_DIR)/train: $(DATA)

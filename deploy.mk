@@ -1,0 +1,3 @@
+# Deployment tooling and checks (Dockerfile, manifests/, helm/): included by the Makefile.
+.PHONY: deploy-tools
+deploy-tools:
