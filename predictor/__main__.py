@@ -16,7 +16,6 @@ _docs_on_by_default()
 import torch  # noqa: E402
 from kserve import model_server  # noqa: E402
 
-from . import routes  # noqa: E402,F401  (registers the /classify and /health routes at import)
 from .config import build_parser, settings_from  # noqa: E402
 from .model import Cifar10Classifier  # noqa: E402
 from .weights import WeightsError  # noqa: E402

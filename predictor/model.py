@@ -184,3 +184,9 @@ class Cifar10Classifier(kserve.Model):
         return {"name": self.name, "version": self.version, "classes": list(CLASSES),
                 "device": self.runner.description if self.runner else None,
                 "temperature": self.temperature, "max_batch_size": self.settings.max_batch_size}
+
+
+# The HTTP routes belong with the model: importing them here (not only from __main__) means every
+# process that has the model has its routes, including the worker processes that KServe spawns
+# for --workers > 1, which unpickle the model but never run predictor.__main__.
+from . import routes  # noqa: E402,F401

@@ -5,6 +5,7 @@ KServe's ModelServer and by every worker process it spawns.
 """
 
 import time
+import warnings
 
 import orjson
 from contextlib import asynccontextmanager
@@ -20,6 +21,9 @@ from . import metrics
 from .errors import ApiError
 from .model import ClassifyRequest, active_model
 from .payloads import timestamp
+
+# KServe's app uses ORJSONResponse, which FastAPI now flags on every response; nothing to act on.
+warnings.filterwarnings("ignore", message=".*ORJSONResponse is deprecated.*")
 
 # Routes whose calls count in api_requests_total / api_request_latency_seconds.
 PREDICTION_ROUTES = {"/classify/image", "/classify/batch", "/v1/models/{model_name}:predict", "/v2/models/{model_name}/infer"}
