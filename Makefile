@@ -6,7 +6,7 @@ PORT ?= 8080
 DATA ?= ../shared/data/cifar10-train-jpeg.tar.gz
 DATA_DIR ?= .cache/cifar10
 
-.PHONY: install run test train evaluate data
+.PHONY: install run test train evaluate data bench
 
 include deploy.mk
 
@@ -38,3 +38,7 @@ train: install data
 
 evaluate: install data
 	$(PY) -m predictor.evaluate --data $(DATA_DIR)/train
+
+# Throughput/latency of the predictor vs the seed-style baseline and the model alone (run on a quiet machine).
+bench: install
+	$(PY) bench/run.py

@@ -1,0 +1,77 @@
+"""Closed-loop HTTP load: C concurrent clients upload real CIFAR-10 JPEGs for a fixed time.
+
+Each client posts multipart `file` uploads back to back over a keep-alive connection; latencies are
+per request. The generator reports its own CPU time so it can be shown not to be the bottleneck.
+"""
+
+import asyncio
+import itertools
+import resource
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    seconds: float
+    requests: int
+    errors: int
+    throughput: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    client_cpu_share: float  # load generator CPU seconds per wall second (1.0 = one full core)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    counter = itertools.count()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        measure_from = started + warmup
+        stop_at = measure_from + seconds
+
+        async def client() -> None:
+            nonlocal errors
+            while (now := time.perf_counter()) < stop_at:
+                form = aiohttp.FormData()
+                form.add_field("file", images[next(counter) % len(images)], filename="image.jpg", content_type="image/jpeg")
+                try:
+                    async with session.post(url, data=form) as response:
+                        await response.read()
+                        ok = response.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    ok = False
+                if now >= measure_from:
+                    latencies.append(time.perf_counter() - now)
+                    errors += not ok
+
+        cpu_before = _cpu_seconds()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+        cpu = _cpu_seconds() - cpu_before
+    values = np.array(latencies) * 1000
+    return LoadResult(
+        concurrency=concurrency, seconds=seconds, requests=len(latencies), errors=errors,
+        throughput=round(len(latencies) / seconds, 1),
+        p50_ms=round(float(np.percentile(values, 50)), 1) if len(values) else float("nan"),
+        p95_ms=round(float(np.percentile(values, 95)), 1) if len(values) else float("nan"),
+        p99_ms=round(float(np.percentile(values, 99)), 1) if len(values) else float("nan"),
+        client_cpu_share=round(cpu / wall, 2),
+    )
+
+
+def run_load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float = 2.0) -> LoadResult:
+    return asyncio.run(_run(url, images, concurrency, seconds, warmup))
