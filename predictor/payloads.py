@@ -67,9 +67,15 @@ def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None
     if count > max_images:
         raise ApiError(413, "too_many_images", f"{count} images exceed the limit of {max_images}.")
     if tensor.datatype == "BYTES":
-        if len(shape) != 1 or not isinstance(tensor.data, list) or len(tensor.data) != count or count < 1:
+        # JSON carries base64 strings; gRPC carries the files themselves as bytes.
+        try:
+            items = list(tensor.as_numpy().reshape(-1)) if len(shape) == 1 else []
+        except (ValueError, TypeError):
+            items = []
+        if len(items) != count or count < 1:
             raise ApiError(400, "invalid_shape", f"BYTES input must have shape [N] with N >= 1 base64 strings, got shape {shape}.")
-        return [b64decode(item, f"{tensor.name}[{i}]") for i, item in enumerate(tensor.data)], None
+        return [item if isinstance(item, bytes) else b64decode(item, f"{tensor.name}[{i}]")
+                for i, item in enumerate(items)], None
     if tensor.datatype == "UINT8":
         if len(shape) != 4 or shape[1:] != PIXELS_SHAPE[1:] or count < 1:
             raise ApiError(400, "invalid_shape", f"UINT8 input must have shape [N, 32, 32, 3], got {shape}.")

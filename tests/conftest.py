@@ -70,8 +70,10 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server():
-    """The predictor with its shipped weights and default settings."""
-    srv = Server()
+    """The predictor with its shipped weights and default settings, gRPC on as well."""
+    grpc_port = free_port()
+    srv = Server("--enable_grpc", "true", "--grpc_port", str(grpc_port))
+    srv.grpc_port = grpc_port
     yield srv
     srv.stop()
 

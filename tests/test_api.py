@@ -161,6 +161,26 @@ def test_v2_metadata_and_health(server):
     assert server.client.get(f"/v2/models/{MODEL_NAME}/ready").status_code == 200
 
 
+def test_v2_over_grpc(server, cifar_jpegs):
+    import asyncio
+
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    async def infer(tensor: InferInput):
+        client = InferenceGRPCClient(f"127.0.0.1:{server.grpc_port}")
+        try:
+            return await client.infer(InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor]))
+        finally:
+            await client.close()
+
+    image = InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([cifar_jpegs["ship_0000.jpg"]], dtype=np.object_), binary_data=True)
+    outputs = {o.name: o for o in asyncio.run(infer(image)).outputs}
+    seed = server.client.post("/classify/image", files={"file": cifar_jpegs["ship_0000.jpg"]}).json()
+    assert outputs["label"].data == [seed["predicted_class"].encode()]
+    assert outputs["probabilities"].data == pytest.approx(list(seed["all_probabilities"].values()), abs=1e-5)
+
+
 # -- health, docs, metrics ------------------------------------------------------------------------------
 def test_health_and_docs(server):
     health = server.client.get("/health")
