@@ -11,10 +11,8 @@
 # tests/test_deploy_image.py lints this file (hadolint, checkov) and runs the builder stage's
 # project steps (the `pip wheel` / `pip install` of stage 2 below) on a copy of the build context.
 
-ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
-
 # ---------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS builder
+FROM python:3.11.14-slim-bookworm AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -37,10 +35,10 @@ COPY README.md ./
 COPY predictor/ predictor/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
     && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
-    && python -c "import predictor.weights as w; w.read_card(w.PACKAGED_DIR)"
+    && python -I -c "import predictor.weights as w; w.load_model(w.PACKAGED_DIR)"
 
 # ---------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE}
+FROM python:3.11.14-slim-bookworm
 
 LABEL org.opencontainers.image.title="cifar10-kserve-predictor" \
       org.opencontainers.image.description="CIFAR-10 ResNet18 classifier on KServe (HTTP 8080, /classify/image)" \
@@ -59,7 +57,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-WORKDIR /tmp
+WORKDIR /app
 USER 10001:10001
 EXPOSE 8080
 

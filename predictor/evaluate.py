@@ -20,6 +20,7 @@ import torch
 
 from .calibration import expected_calibration_error
 from .data import list_image_folder, stratified_split
+from .errors import ApiError
 from .model import Cifar10Classifier, ClassifyRequest, Settings
 from .network import CLASSES
 from .weights import PACKAGED_DIR, WeightsError, read_card
@@ -61,7 +62,7 @@ async def classify_in_process(files: list[tuple[str, int]], model_dir: Path, dev
     results = []
     for chunk in chunks(files):
         response, _ = await model(ClassifyRequest([Path(path).read_bytes() for path, _ in chunk]))
-        results.extend(response["results"])
+        results.extend(r.body() if isinstance(r, ApiError) else r for r in response["results"])
     return results
 
 

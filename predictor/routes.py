@@ -6,9 +6,9 @@ KServe's ModelServer and by every worker process it spawns.
 
 import time
 import warnings
+from contextlib import asynccontextmanager
 
 import orjson
-from contextlib import asynccontextmanager
 
 from fastapi import File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -50,9 +50,8 @@ async def classify_image(request: Request, file: UploadFile = File(..., descript
     model = _serving_model()
     response, _ = await model(ClassifyRequest([await file.read()], top_k), dict(request.headers))
     result = response["results"][0]
-    if "error" in result:
-        error = result["error"]
-        raise ApiError(_status_of(error["code"]), error["code"], error["message"])
+    if isinstance(result, ApiError):
+        raise result
     return {**result, "timestamp": timestamp(), "model_version": model.version}
 
 
@@ -65,7 +64,8 @@ async def classify_batch(request: Request, files: list[UploadFile] = File(..., d
     if len(files) > limit:
         raise ApiError(413, "too_many_files", f"{len(files)} files exceed the limit of {limit} per request.")
     response, _ = await model(ClassifyRequest([await f.read() for f in files], top_k), dict(request.headers))
-    return {**response, "timestamp": timestamp(), "model_version": model.version}
+    results = [r.body() if isinstance(r, ApiError) else r for r in response["results"]]
+    return {"results": results, "timestamp": timestamp(), "model_version": model.version}
 
 
 @app.get("/health", tags=["health"], summary="Model loaded and a forward pass succeeded")
@@ -74,11 +74,6 @@ async def health():
     if model is None or not (model.ready and model.forward_ok):
         return _error(503, "model_not_ready", "The model is not loaded yet.")
     return {"status": "healthy", "model_loaded": True, **model.metadata}
-
-
-def _status_of(code: str) -> int:
-    """HTTP status of a per-slot decode error code (imaging raises with both; slots keep only the body)."""
-    return {"unsupported_media_type": 415, "image_too_large": 413}.get(code, 400)
 
 
 # -- error format: every failure is {"error": {"code", "message"}} ----------------------------------

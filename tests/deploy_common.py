@@ -1,0 +1,332 @@
+"""Shared helpers of the deployment tests (tests/test_deploy_*.py): tool paths, chart rendering,
+and the strict validation of rendered objects (core kinds and custom resources).
+
+The tools are installed by `make deploy-tools` (deploy.mk) at the paths below; a missing tool
+fails the tests with that hint, it never skips them.
+"""
+
+import copy
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "cifar10-classifier"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+MANIFESTS = ROOT / "manifests"
+CRDS = ROOT.parent / "shared" / "schemas" / "crds"
+TOOLS = ROOT / ".cache" / "tools"
+VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+
+# Core kinds are validated against the chart's minimum Kubernetes (Chart.yaml kubeVersion) and
+# the version of the kubectl that ships with helm.
+KUBE_VERSIONS = ("1.29", "1.34")
+RELEASE = "cifar10-classifier"
+NAMESPACE = "default"
+
+
+def tool(path: Path | str) -> str:
+    path = Path(path)
+    assert path.is_file() and os.access(path, os.X_OK), f"{path} is missing: run `make deploy-tools`"
+    return str(path)
+
+
+HELM = TOOLS / "bin" / "helm"
+KUBECTL = TOOLS / "bin" / "kubectl"
+PROMETHEUS = TOOLS / "prometheus" / "usr" / "bin" / "prometheus"
+PROMTOOL = TOOLS / "prometheus" / "usr" / "bin" / "promtool"
+CHECKOV = TOOLS / "checkov" / "bin" / "checkov"
+HADOLINT = VENV_BIN / "hadolint"
+
+
+def run(args: list, timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+# -- rendering ------------------------------------------------------------------------------------
+def helm_args(values_file: Path | None = None, sets: tuple[str, ...] = ()) -> list[str]:
+    args = ["--values", str(values_file)] if values_file else []
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+@functools.lru_cache(maxsize=64)
+def render_text(values_file: Path | None = None, sets: tuple[str, ...] = (), release: str = RELEASE,
+                namespace: str = NAMESPACE) -> str:
+    return run([tool(HELM), "template", release, CHART, "--namespace", namespace, "--kube-version", KUBE_VERSIONS[-1],
+                *helm_args(values_file, sets)]).stdout
+
+
+def render(values_file: Path | None = None, sets: tuple[str, ...] = (), release: str = RELEASE,
+           namespace: str = NAMESPACE) -> list[dict]:
+    """The chart's objects for these values (deep copies: callers may change them)."""
+    return copy.deepcopy([d for d in yaml.safe_load_all(render_text(values_file, sets, release, namespace)) if d])
+
+
+def render_notes(values_file: Path | None = None, sets: tuple[str, ...] = (), release: str = RELEASE,
+                 namespace: str = NAMESPACE) -> str:
+    """NOTES.txt as `helm install` prints it. `helm install --dry-run` needs a cluster, so a copy of
+    the chart gets a template that includes NOTES.txt's text as a named template."""
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = Path(tmp) / CHART.name
+        shutil.copytree(CHART, chart)
+        notes = (chart / "templates" / "NOTES.txt").read_text()
+        (chart / "templates" / "_zz_notes.tpl").write_text('{{- define "test.notes" -}}\n' + notes + "\n{{- end }}\n")
+        (chart / "templates" / "zz-notes.yaml").write_text('notes: |\n{{ include "test.notes" . | indent 2 }}\n')
+        out = run([tool(HELM), "template", release, chart, "--namespace", namespace, "--show-only", "templates/zz-notes.yaml",
+                   *helm_args(values_file, sets)]).stdout
+    return yaml.safe_load(out)["notes"]
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects: list[dict], kind: str) -> dict:
+    found = by_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def predictor_container(objects: list[dict]) -> dict:
+    isvc = one(objects, "InferenceService")
+    containers = isvc["spec"]["predictor"]["containers"]
+    named = [c for c in containers if c["name"] == "kserve-container"]
+    assert len(named) == 1, "the InferenceService needs exactly one container named kserve-container"
+    return named[0]
+
+
+# -- strict validation ----------------------------------------------------------------------------
+def _strict(node, in_combinator: bool = False):
+    """An OpenAPI v3 structural schema made strict: every object that lists its properties refuses
+    others (as the API server prunes or, with fieldValidation=Strict, refuses them), unless it says
+    x-kubernetes-preserve-unknown-fields. nullable and int-or-string become JSON-schema types."""
+    if isinstance(node, list):
+        return [_strict(n, in_combinator) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    if "properties" in out:
+        out["properties"] = {name: _strict(sub) for name, sub in out["properties"].items()}
+        if not in_combinator and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = _strict(out["additionalProperties"])
+    if isinstance(out.get("items"), dict):
+        out["items"] = _strict(out["items"])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in out:
+            out[key] = _strict(out[key], in_combinator=True)
+    if "not" in out:
+        out["not"] = _strict(out["not"], in_combinator=True)
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if out.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> strict JSON schema, for every served version of every CRD in CRDS."""
+    schemas = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            if not crd or crd.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                if version.get("served", True) and "schema" in version:
+                    root = copy.deepcopy(version["schema"]["openAPIV3Schema"])
+                    # apiVersion, kind and metadata are every object's, whether the CRD lists them or not.
+                    root.setdefault("properties", {})
+                    root["properties"].setdefault("apiVersion", {"type": "string"})
+                    root["properties"].setdefault("kind", {"type": "string"})
+                    root["properties"].setdefault("metadata", {"type": "object"})
+                    root["properties"]["apiVersion"] = {"const": f"{group}/{version['name']}"}
+                    root["properties"]["kind"] = {"const": kind}
+                    root["required"] = sorted(set(root.get("required", [])) | {"apiVersion", "kind", "metadata"})
+                    schemas[(f"{group}/{version['name']}", kind)] = _strict(root)
+    assert schemas, f"no CRDs under {CRDS}"
+    return schemas
+
+
+class NotCovered(AssertionError):
+    """A kind that neither kubernetes-validate nor a CRD in ../shared/schemas/crds describes."""
+
+
+def validate_object(obj: dict) -> str:
+    """Validates one rendered object strictly; returns how. Raises AssertionError when invalid
+    and NotCovered when no schema covers its kind."""
+    api_version, kind = obj.get("apiVersion"), obj.get("kind")
+    name = f"{kind} {obj.get('metadata', {}).get('name')}"
+    group = api_version.rpartition("/")[0] if isinstance(api_version, str) else ""
+    # kubernetes-validate drops the group's domain (networking.istio.io -> networking): only a
+    # Kubernetes group may be looked up there.
+    core_group = "." not in group or group.endswith(".k8s.io")
+    try:
+        if not core_group:
+            raise kubernetes_validate.SchemaNotFoundError(kind, KUBE_VERSIONS[-1], api_version)
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+        return f"kubernetes-validate --strict (Kubernetes {', '.join(KUBE_VERSIONS)})"
+    except kubernetes_validate.ValidationError as exc:
+        raise AssertionError(f"{name}: {'.'.join(map(str, exc.path))}: {exc.message}") from None
+    except kubernetes_validate.SchemaNotFoundError:
+        pass
+    schema = crd_schemas().get((api_version, kind))
+    if schema is None:
+        raise NotCovered(f"{name} ({api_version}): no schema in kubernetes-validate or {CRDS}")
+    errors = sorted(jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker()).iter_errors(obj),
+                    key=lambda e: list(map(str, e.path)))
+    if errors:
+        raise AssertionError(f"{name}: " + "; ".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:5]))
+    # A CRD's schema says only `metadata: {type: object}`: check it as the core ObjectMeta.
+    meta_holder = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj.get("metadata", {})}
+    try:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(meta_holder, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        raise AssertionError(f"{name}: {'.'.join(map(str, exc.path))}: {exc.message}") from None
+    return f"CRD schema {api_version} {kind} (strict)"
+
+
+# -- the Dockerfile ---------------------------------------------------------------------------------
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def dockerfile_stages() -> list[dict]:
+    """The Dockerfile's stages: {"from": image, "name": alias, "instructions": [(INSTR, args)]},
+    with continuation lines joined and comments dropped."""
+    lines, current = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        stripped = raw.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if current and stripped.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if stripped.endswith("\\"):
+            current += stripped[:-1].rstrip() + " "
+            continue
+        lines.append(current + stripped)
+        current = ""
+    stages = []
+    for line in lines:
+        instruction, _, args = line.partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            parts = args.split()
+            stages.append({"from": parts[0], "name": parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else None,
+                           "instructions": []})
+        elif stages:
+            stages[-1]["instructions"].append((instruction, args.strip()))
+    return stages
+
+
+def dockerignore_context() -> set[str]:
+    """Files (relative paths) that `docker build .` sends, per .dockerignore: patterns in order,
+    the last one matching a path or one of its parent folders decides; `!` re-includes."""
+    import re
+
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line[1:] if negate else line
+        pattern = pattern.strip("/")
+        # Go's filepath.Match plus `**` (any number of folders): translate to a regex on "/" paths.
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex += "(?:.*/)?"
+                i += 3
+            elif pattern.startswith("**", i):
+                regex += ".*"
+                i += 2
+            elif pattern[i] == "*":
+                regex += "[^/]*"
+                i += 1
+            elif pattern[i] == "?":
+                regex += "[^/]"
+                i += 1
+            else:
+                regex += re.escape(pattern[i])
+                i += 1
+        rules.append((re.compile(regex + r"\Z"), negate))
+
+    def excluded(rel: str) -> bool:
+        parts = rel.split("/")
+        candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        verdict = False
+        for regex, negate in rules:
+            if any(regex.match(c) for c in candidates):
+                verdict = not negate
+        return verdict
+
+    files = set()
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT).as_posix()
+        if path.is_file() and not rel.startswith(".git/") and not excluded(rel):
+            files.add(rel)
+    return files
+
+
+@functools.lru_cache(maxsize=1)
+def image_install() -> Path:
+    """Runs the builder stage's project steps (the RUN that builds and installs the wheel) on a
+    copy of the build context, into a fresh virtual environment whose dependencies are the
+    project venv's (the same pins: test_deploy_image checks it). Returns the environment's root;
+    its python serves the package exactly as the image's /opt/venv does."""
+    import atexit
+    import sys
+    import sysconfig
+
+    tmp = Path(tempfile.mkdtemp(prefix="image-install-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    context = tmp / "context"
+    for rel in dockerignore_context():
+        (context / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, context / rel)
+    builder = dockerfile_stages()[0]
+    workdir = tmp / "src"
+    workdir.mkdir()
+    for instruction, args in builder["instructions"]:
+        if instruction == "COPY" and not args.startswith("--"):
+            *sources, dest = args.split()
+            for source in sources:
+                src = context / source.rstrip("/")
+                assert src.exists(), f"Dockerfile COPY {source}: not in the build context (.dockerignore?)"
+                target = workdir / dest if dest not in ("./", ".") else workdir
+                if src.is_dir():
+                    shutil.copytree(src, target, dirs_exist_ok=True)
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, target / src.name)
+    steps = [args for instruction, args in builder["instructions"] if instruction == "RUN" and "pip wheel" in args]
+    assert len(steps) == 1, "the builder stage should have one RUN that builds and installs the project wheel"
+    venv = tmp / "venv"
+    run([sys.executable, "-m", "venv", venv], timeout=120)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    # Stage 1's dependencies: the project venv's site-packages, after the new environment's own.
+    (site / "zz-image-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    command = steps[0].replace("/tmp/wheels", str(tmp / "wheels"))
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "PIP_NO_CACHE_DIR": "1",
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PYTHONPATH", None)
+    run(["bash", "-euo", "pipefail", "-c", command], timeout=300, cwd=workdir, env=env)
+    return venv
