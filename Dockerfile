@@ -30,7 +30,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install --no-cache-dir --requirement /tmp/requirements.txt
 
 # 2. The project as a wheel, without dependencies: the weights in predictor/weights/ are package
-#    data, so they are baked into site-packages (and world-readable, whatever their mode here).
+#    data, so they are baked into site-packages (and world-readable, whatever their mode here);
+#    the build fails if the installed weights do not match their model card's sha256.
 COPY README.md ./
 COPY predictor/ predictor/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \

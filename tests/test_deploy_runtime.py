@@ -1,0 +1,432 @@
+"""The chart's promises, checked against a running predictor and a real Prometheus.
+
+Contract: the chart is rendered, and the predictor, installed the way the Dockerfile installs it
+(deploy_common.image_install), is started with exactly the kserve-container's args, env and port.
+Every probe path answers 200 on that port, the VirtualService's paths are served, NOTES.txt's
+curl commands work, and every metric the PrometheusRule, the dashboard and the KEDA query use is
+on /metrics.
+
+Monitoring: Debian's Prometheus (2.42) scrapes the predictor as the PodMonitor says (path, port,
+interval, job label) and evaluates the PrometheusRule's groups. After real traffic, the seed's
+three queries and every dashboard expression return data through the HTTP API, the error-rate
+and latency alerts fire (thresholds lowered to 0 through the chart's values), and the no-replica
+alert fires once the predictor is stopped. `promtool check rules` passes, and `promtool test rules`
+shows each alert firing on a synthetic error burst, latency rise or outage and quiet otherwise.
+"""
+
+import concurrent.futures
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import yaml
+
+from .conftest import IMAGES, free_port
+from .deploy_common import (CHART, NAMESPACE, PROMETHEUS, PROMTOOL, RELEASE, image_install, one, predictor_container,
+                            render, render_notes, run, tool)
+
+# The seed's three PromQL queries (request rate, p95 latency, error rate), as written.
+SEED_QUERIES = (
+    "rate(api_requests_total[5m])",
+    "histogram_quantile(0.95, rate(api_request_latency_seconds_bucket[5m]))",
+    'rate(api_requests_total{status="error"}[5m])',
+)
+# Form field of each routed path.
+FORM_FIELDS = {"/classify/image": "file", "/classify/batch": "files"}
+PREDICTOR_ENV = ("STORAGE_URI", "MODEL_DIR", "MODEL_NAME", "DEVICE", "MAX_BATCH_SIZE", "MAX_BATCH_DELAY_MS",
+                 "MAX_BATCH_FILES", "MAX_BODY_BYTES", "MAX_IMAGE_SIDE", "DECODE_THREADS", "TORCH_THREADS")
+# The live Prometheus: scrape every second, and alert at once on any error or latency.
+LIVE_SETS = ("monitoring.podMonitor.interval=1s", "monitoring.podMonitor.scrapeTimeout=1s",
+             "monitoring.prometheusRule.errorRate.threshold=0", "monitoring.prometheusRule.errorRate.for=0s",
+             "monitoring.prometheusRule.errorRate.codeRegex=4..|5..", "monitoring.prometheusRule.latency.threshold=0",
+             "monitoring.prometheusRule.latency.for=0s", "monitoring.prometheusRule.noReadyReplicas.for=0s")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (httpx.TransportError, ValueError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """The predictor as the chart's default InferenceService runs it."""
+    # The chart's port (8080), unless something on this machine holds it: then the chart is
+    # rendered with another containerPort, and everything below follows the rendered value.
+    sets = () if port_is_free(8080) else (f"containerPort={free_port()}",)
+    objects = render(sets=sets)
+    container = predictor_container(objects)
+    port = container["ports"][0]["containerPort"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    venv = image_install()
+    workdir = tmp_path_factory.mktemp("app")  # the image's empty WORKDIR
+    log_path = workdir.parent / "predictor.log"
+    log = open(log_path, "w")
+    base_env = {k: v for k, v in os.environ.items() if k not in PREDICTOR_ENV}
+    process = subprocess.Popen([str(venv / "bin" / "python"), "-m", "predictor", *container["args"]], cwd=workdir,
+                               env={**base_env, **env}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=60)
+    startup = container["startupProbe"]["httpGet"]["path"]
+
+    def started():
+        assert process.poll() is None, f"predictor exited {process.returncode}:\n{log_path.read_text()}"
+        return client.get(startup).status_code == 200
+
+    try:
+        wait_for(started, 240, f"{startup} to answer 200 (log: {log_path})")
+        yield SimpleNamespace(objects=objects, container=container, port=port, url=url, client=client, sets=sets,
+                              process=process, log_path=log_path)
+    finally:
+        client.close()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        log.close()
+
+
+def send_traffic(url: str) -> dict:
+    """Real requests on every prediction path: successes, client errors, a batch; some at once."""
+    images = sorted(IMAGES.glob("*.jpg"))
+    counts = {"ok": 0, "error": 0}
+
+    def one_request(i: int) -> int:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            if i % 10 == 9:
+                return c.post("/classify/image", files={"file": ("x.jpg", b"not an image", "image/jpeg")}).status_code
+            if i % 10 == 8:
+                return c.post("/classify/batch", files=[("files", p.read_bytes()) for p in images[:3]]).status_code
+            return c.post("/classify/image", files={"file": images[i % len(images)].read_bytes()}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for status in pool.map(one_request, range(40)):
+            counts["ok" if status == 200 else "error"] += 1
+    assert counts == {"ok": 36, "error": 4}, counts
+    return counts
+
+
+# -- the contract -----------------------------------------------------------------------------------
+def test_container_args_env_and_port_agree(deployed):
+    args = deployed.container["args"]
+    assert f"--http_port={deployed.port}" in args
+    assert any(a.startswith("--model_name=") for a in args)
+    model_name = next(a.split("=", 1)[1] for a in args if a.startswith("--model_name="))
+    info = deployed.client.get("/health").json()
+    assert info["model_loaded"] is True and info["name"] == model_name
+    assert info["max_batch_size"] == int(next(e["value"] for e in deployed.container["env"] if e["name"] == "MAX_BATCH_SIZE"))
+
+
+def test_every_probe_path_answers_200_on_the_container_port(deployed):
+    probes = {name: deployed.container[name]["httpGet"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for name, probe in probes.items():
+        assert probe["port"] == deployed.port, name
+        response = httpx.get(f"http://127.0.0.1:{probe['port']}{probe['path']}", timeout=10)
+        assert response.status_code == 200, f"{name} {probe['path']}: {response.status_code} {response.text}"
+
+
+def test_every_routed_path_is_served(deployed):
+    route = one(deployed.objects, "VirtualService")
+    paths = [m["uri"]["exact"] for m in route["spec"]["http"][0]["match"]]
+    assert "/classify/image" in paths
+    image = (IMAGES / "cat_0000.jpg").read_bytes()
+    for path in paths:
+        assert path in FORM_FIELDS, f"the route sends {path} to the predictor, which has no such form endpoint"
+        response = deployed.client.post(path, files=[(FORM_FIELDS[path], ("cat.jpg", image, "image/jpeg"))])
+        assert response.status_code == 200, (path, response.text)
+        body = response.json()
+        result = body["results"][0] if "results" in body else body
+        assert result["predicted_class"] and abs(sum(result["all_probabilities"].values()) - 1) < 1e-3
+
+
+def test_the_curl_commands_of_the_notes_work(deployed, tmp_path):
+    notes = render_notes(sets=deployed.sets)
+    commands = [line.strip() for line in notes.splitlines() if line.strip().startswith("curl ")]
+    assert len(commands) == 2, notes
+    shutil.copy(IMAGES / "cat_0000.jpg", tmp_path / "cat.jpg")
+    for command in commands:
+        # The ingress gateway and the port-forward both end at this container port.
+        command = command.replace("127.0.0.1:8080", f"127.0.0.1:{deployed.port}")
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "INGRESS_HOST": f"127.0.0.1:{deployed.port}"})
+        assert result.returncode == 0, (command, result.stderr)
+        body = json.loads(result.stdout)
+        assert {"predicted_class", "confidence", "all_probabilities", "timestamp"} <= body.keys(), (command, body)
+
+
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+
+
+def promql_metric_names(expression: str) -> set[str]:
+    """Metric names in a PromQL expression: identifiers that are not functions, keywords, label
+    names (inside {} or by/on/... lists), string contents or durations."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expression)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    names = set()
+    for match in re.finditer(r"(?<![\w.])[a-zA-Z_:][a-zA-Z0-9_:]*", e):
+        if not e[match.end():].lstrip().startswith("(") and match.group() not in PROMQL_KEYWORDS:
+            names.add(match.group())
+    return names
+
+
+def dashboard_expressions(objects: list[dict], job: str) -> list[str]:
+    configmap = one(objects, "ConfigMap")
+    (dashboard,) = [json.loads(v) for v in configmap["data"].values()]
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    assert exprs
+    return [e.replace("$namespace", NAMESPACE).replace("$job", job).replace("$__rate_interval", "1m") for e in exprs]
+
+
+def rule_expressions(objects: list[dict]) -> dict[str, str]:
+    rule = one(objects, "PrometheusRule")
+    return {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
+
+
+def test_every_metric_used_by_the_rules_dashboard_and_keda_is_exported(deployed):
+    send_traffic(deployed.url)
+    exported = {line.split("{")[0].split(" ")[0] for line in deployed.client.get("/metrics").text.splitlines()
+                if line and not line.startswith("#")}
+    keda = one(render(CHART / "ci" / "standard-keda-values.yaml"), "InferenceService")
+    keda_query = keda["spec"]["predictor"]["autoScaling"]["metrics"][0]["external"]["metric"]["query"]
+    used = set()
+    for expression in [*rule_expressions(deployed.objects).values(), *dashboard_expressions(deployed.objects, RELEASE),
+                       keda_query, *SEED_QUERIES]:
+        used |= promql_metric_names(expression) or {"?" + expression}
+    used.discard("up")  # Prometheus' own series for every target
+    assert used and not used - exported, f"not on /metrics: {sorted(used - exported)}"
+    assert {"api_requests_total", "api_request_latency_seconds_bucket", "predictor_batch_size_bucket",
+            "predictor_queue_depth"} <= used
+
+
+# -- promtool --------------------------------------------------------------------------------------
+def rules_file(objects: list[dict], path: Path, annotations: bool = True) -> Path:
+    groups = one(objects, "PrometheusRule")["spec"]["groups"]
+    if not annotations:
+        groups = [{**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]} for g in groups]
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
+
+
+def test_promtool_check_rules(tmp_path):
+    result = run([tool(PROMTOOL), "check", "rules", rules_file(render(), tmp_path / "rules.yaml")])
+    assert "SUCCESS: 3 rules found" in result.stdout, result.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"alert": "A", "expr": "sum(rate(x[5m])"}]}]}))
+    assert run([tool(PROMTOOL), "check", "rules", broken], check=False).returncode != 0
+
+
+def test_promtool_unit_tests_each_alert(tmp_path):
+    """Synthetic series for the default thresholds: each alert fires on its condition (after its
+    `for`) and stays quiet before it; client errors (4xx) alone do not page."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["monitoring"]["prometheusRule"]
+    objects = render()
+    # Annotations are checked by `promtool check rules`; the unit tests compare labels.
+    rules = rules_file(objects, tmp_path / "rules.yaml", annotations=False)
+    sel = f'namespace="{NAMESPACE}", job="{RELEASE}"'
+    api = f'api_requests_total{{{sel}, endpoint="/classify/image"'
+    error_ratio = 2 * values["errorRate"]["threshold"]  # twice the threshold, during the burst
+    errors_per_min = math.ceil(900 * error_ratio / (1 - error_ratio))
+    t = values["latency"]["threshold"]
+    fast, slow = t / 5, 2 * t  # bucket bounds: all under the threshold, then all above it
+
+    def bucket(le, values_):
+        return {"series": f'api_request_latency_seconds_bucket{{{sel}, endpoint="/classify/image", le="{le}"}}',
+                "values": values_}
+
+    def minutes(duration: str) -> int:
+        return int(re.fullmatch(r"(\d+)m", duration).group(1))
+
+    err_for, lat_for, up_for = (minutes(values[k]["for"]) for k in ("errorRate", "latency", "noReadyReplicas"))
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {"interval": "1m", "input_series": [
+                {"series": f'{api}, status="success", code="200"}}', "values": "0+600x60"},
+                {"series": f'{api}, status="error", code="415"}}', "values": "0+300x60"},  # 33% client errors: no page
+                {"series": f'{api}, status="error", code="500"}}', "values": f"0x10 0+{errors_per_min}x50"},
+                {"series": f"up{{{sel}}}", "values": "1x60"},
+            ], "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "Cifar10ClassifierHighErrorRate", "exp_alerts": []},
+                {"eval_time": f"{12 + err_for + 2}m", "alertname": "Cifar10ClassifierHighErrorRate",
+                 "exp_alerts": [{"exp_labels": {"severity": values["errorRate"]["severity"]}}]},
+                {"eval_time": "40m", "alertname": "Cifar10ClassifierNoReadyReplicas", "exp_alerts": []},
+            ]},
+            {"interval": "1m", "input_series": [
+                bucket(fast, "0+600x15 9000x30"), bucket(t, "0+600x15 9000x30"),
+                bucket(slow, "0+600x45"), bucket("+Inf", "0+600x45"),
+            ], "alert_rule_test": [
+                {"eval_time": "14m", "alertname": "Cifar10ClassifierHighLatencyP95", "exp_alerts": []},
+                {"eval_time": f"{15 + lat_for + 3}m", "alertname": "Cifar10ClassifierHighLatencyP95",
+                 "exp_alerts": [{"exp_labels": {"severity": values["latency"]["severity"]}}]},
+            ]},
+            {"interval": "1m", "input_series": [
+                {"series": f"up{{{sel}}}", "values": "1x10 0x30"},
+            ], "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "Cifar10ClassifierNoReadyReplicas", "exp_alerts": []},
+                {"eval_time": f"{11 + up_for + 2}m", "alertname": "Cifar10ClassifierNoReadyReplicas",
+                 "exp_alerts": [{"exp_labels": {"severity": values["noReadyReplicas"]["severity"]}}]},
+            ]},
+            {"interval": "1m", "input_series": [], "alert_rule_test": [
+                # No series at all (the pods were never scraped): that is an outage too.
+                {"eval_time": f"{up_for + 2}m", "alertname": "Cifar10ClassifierNoReadyReplicas",
+                 "exp_alerts": [{"exp_labels": {"severity": values["noReadyReplicas"]["severity"]}}]},
+            ]},
+        ],
+    }
+    test_file = tmp_path / "rules_test.yaml"
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = run([tool(PROMTOOL), "test", "rules", test_file], check=False)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    # The same tests fail against rules that never fire: they can tell.
+    tests["rule_files"] = [str(rules_file(render(sets=("monitoring.prometheusRule.errorRate.threshold=1",
+                                                         "monitoring.prometheusRule.latency.threshold=100")),
+                                          tmp_path / "lax.yaml", annotations=False))]
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    assert run([tool(PROMTOOL), "test", "rules", test_file], check=False).returncode != 0
+
+
+# -- a real Prometheus -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prometheus(deployed, tmp_path_factory):
+    objects = render(sets=(*deployed.sets, *LIVE_SETS))
+    monitor = one(objects, "PodMonitor")
+    isvc = one(objects, "InferenceService")
+    container = predictor_container(objects)
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    # The PodMonitor's named port must be the container's, and its selector KServe's pod labels.
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == endpoint["port"]]
+    assert port == deployed.port
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector == {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"], "component": "predictor"}
+    job = selector[monitor["spec"]["jobLabel"]]  # the pod label's value becomes the job label
+    tmp = tmp_path_factory.mktemp("prometheus")
+    rules = rules_file(objects, tmp / "rules.yaml")
+    config = {
+        "global": {"scrape_interval": endpoint["interval"], "scrape_timeout": endpoint["scrapeTimeout"],
+                   "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [{
+            # What the Prometheus Operator generates for the PodMonitor, with the one pod as a static target.
+            "job_name": f"podMonitor/{NAMESPACE}/{monitor['metadata']['name']}/0",
+            "metrics_path": endpoint["path"], "scheme": endpoint["scheme"],
+            "scrape_interval": endpoint["interval"], "scrape_timeout": endpoint["scrapeTimeout"],
+            "static_configs": [{"targets": [f"127.0.0.1:{port}"],
+                                "labels": {"namespace": NAMESPACE, "container": container["name"],
+                                           "pod": f"{isvc['metadata']['name']}-predictor-00001-deployment-5d9c7-x2k4q"}}],
+            "relabel_configs": [{"target_label": "job", "replacement": job}],
+        }],
+    }
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run([tool(PROMTOOL), "check", "config", tmp / "prometheus.yml"])
+    web = f"127.0.0.1:{free_port()}"
+    log = open(tmp / "prometheus.log", "w")
+    process = subprocess.Popen([tool(PROMETHEUS), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+                                f"--web.listen-address={web}", "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT,
+                               cwd=tmp)
+    client = httpx.Client(base_url=f"http://{web}", timeout=10)
+    try:
+        wait_for(lambda: process.poll() is None and client.get("/-/ready").status_code == 200, 60, "Prometheus to be ready")
+        yield SimpleNamespace(client=client, objects=objects, job=job, endpoint=endpoint, port=port,
+                              log=tmp / "prometheus.log")
+    finally:
+        client.close()
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def query(prom, expression: str) -> list:
+    body = prom.client.get("/api/v1/query", params={"query": expression}).json()
+    assert body["status"] == "success", (expression, body)
+    return body["data"]["result"]
+
+
+def has_data(prom, expression: str) -> bool:
+    return any(math.isfinite(float(sample["value"][1])) for sample in query(prom, expression))
+
+
+def firing(prom) -> set[str]:
+    alerts = prom.client.get("/api/v1/alerts").json()["data"]["alerts"]
+    return {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
+
+
+def test_prometheus_scrapes_the_predictor_as_the_podmonitor_says(prometheus):
+    def target_up():
+        (target,) = prometheus.client.get("/api/v1/targets").json()["data"]["activeTargets"]
+        return target if target["health"] == "up" else None
+
+    target = wait_for(target_up, 30, "the scrape target to be up")
+    assert target["scrapeUrl"] == f"http://127.0.0.1:{prometheus.port}{prometheus.endpoint['path']}"
+    assert target["scrapeInterval"] == prometheus.endpoint["interval"]
+    assert target["labels"]["job"] == prometheus.job == RELEASE
+    assert target["labels"]["namespace"] == NAMESPACE
+    assert wait_for(lambda: has_data(prometheus, f'up{{namespace="{NAMESPACE}", job="{RELEASE}"}} == 1'), 10, "up == 1")
+
+
+def test_after_real_traffic_every_query_returns_data_and_the_alerts_fire(deployed, prometheus):
+    # Before the first scrape no replica was known to serve: that alert resolves once scraped.
+    wait_for(lambda: "Cifar10ClassifierNoReadyReplicas" not in firing(prometheus), 30, "the no-replica alert to resolve")
+    send_traffic(deployed.url)
+    expressions = [*SEED_QUERIES, *dashboard_expressions(prometheus.objects, prometheus.job)]
+    missing = expressions
+
+    def all_have_data():
+        nonlocal missing
+        missing = [e for e in missing if not has_data(prometheus, e)]
+        return not missing
+
+    wait_for(all_have_data, 60, "every query to return data", interval=1)
+    assert not missing, missing
+    rules = rule_expressions(prometheus.objects)
+    for alert in ("Cifar10ClassifierHighErrorRate", "Cifar10ClassifierHighLatencyP95"):
+        assert has_data(prometheus, rules[alert]), alert  # the rule's own expression, thresholds at 0
+    wait_for(lambda: {"Cifar10ClassifierHighErrorRate", "Cifar10ClassifierHighLatencyP95"} <= firing(prometheus), 30,
+             "the error-rate and latency alerts to fire")
+    assert "Cifar10ClassifierNoReadyReplicas" not in firing(prometheus)
+    # The rules Prometheus loaded are the chart's, all healthy.
+    groups = prometheus.client.get("/api/v1/rules").json()["data"]["groups"]
+    loaded = {r["name"]: r["health"] for g in groups for r in g["rules"]}
+    assert loaded == {name: "ok" for name in rules}, loaded
+
+
+def test_the_no_replica_alert_fires_when_the_predictor_stops(deployed, prometheus):
+    """Last in this module: it stops the predictor."""
+    wait_for(lambda: has_data(prometheus, f'up{{job="{RELEASE}"}} == 1'), 30, "the target to be up")
+    wait_for(lambda: "Cifar10ClassifierNoReadyReplicas" not in firing(prometheus), 30, "the no-replica alert to be quiet")
+    deployed.process.terminate()
+    deployed.process.wait(30)
+    wait_for(lambda: "Cifar10ClassifierNoReadyReplicas" in firing(prometheus), 30, "the no-replica alert to fire")
