@@ -30,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import IMAGES, free_port
+from .conftest import IMAGES, free_port, stop_process
 from .deploy_common import (CHART, NAMESPACE, PROMETHEUS, PROMTOOL, RELEASE, image_install, one, predictor_container,
                             render, render_notes, run, tool)
 
@@ -105,12 +105,7 @@ def deployed(tmp_path_factory):
                               process=process, log_path=log_path)
     finally:
         client.close()
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_process(process)
         log.close()
 
 
@@ -361,11 +356,7 @@ def prometheus(deployed, tmp_path_factory):
                               log=tmp / "prometheus.log")
     finally:
         client.close()
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
         log.close()
 
 
