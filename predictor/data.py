@@ -27,6 +27,14 @@ class Dataset:
         return Dataset(self.images[indices], self.labels[indices], [self.files[i] for i in indices], self.fingerprint)
 
 
+def resolve_image_folder(root: str | Path) -> Path:
+    """The class-folder directory: `root` itself, or the unpacked archive's `train/` inside it."""
+    root = Path(root)
+    if (root / "train").is_dir() and not any((root / c).is_dir() for c in CLASSES):
+        return root / "train"
+    return root
+
+
 def list_image_folder(root: Path) -> list[tuple[str, int]]:
     """(relative path, label) for every image under root/<class>/, sorted; class names must be CIFAR-10's."""
     found = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -43,9 +51,7 @@ def list_image_folder(root: Path) -> list[tuple[str, int]]:
 
 def load_image_folder(root: str | Path, cache_dir: str | Path | None = None) -> Dataset:
     """Decode every image under root once; reuse the cache when the files' fingerprint matches."""
-    root = Path(root)
-    if (root / "train").is_dir() and not any((root / c).is_dir() for c in CLASSES):
-        root = root / "train"  # accept the unpacked archive's top folder too
+    root = resolve_image_folder(root)
     entries = list_image_folder(root)
     digest = hashlib.sha256()
     payloads = []

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .calibration import expected_calibration_error
-from .data import list_image_folder, stratified_split
+from .data import list_image_folder, resolve_image_folder, stratified_split
 from .errors import ApiError
 from .model import Cifar10Classifier, ClassifyRequest, Settings
 from .network import CLASSES
@@ -41,8 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def select_files(data: Path, card: dict, split: str) -> list[tuple[str, int]]:
-    if (data / "train").is_dir() and not any((data / c).is_dir() for c in CLASSES):
-        data = data / "train"
+    data = resolve_image_folder(data)
     entries = [(str(data / rel), label) for rel, label in list_image_folder(data)]
     if split == "all":
         return entries
