@@ -33,7 +33,13 @@ def values_of(values_file: Path | None) -> dict:
 
 
 def test_value_sets_cover_the_issue():
-    assert {"standard", "standard-keda", "cpu", "canary", "monitoring-off"} <= set(IDS)
+    assert {"standard", "standard-keda", "cpu", "canary", "monitoring-off", "secure-standard", "secure-knative"} <= set(IDS)
+    # The hardening options are each on in some value set (issue 6).
+    secure = [values_of(CHART / "ci" / f"{name}-values.yaml") for name in ("secure-standard", "secure-knative")]
+    for v in secure:
+        assert v["auth"]["apiKeys"]["existingSecret"] and v["auth"]["jwt"]["enabled"] and v["networkPolicy"]["enabled"]
+    assert {v["deploymentMode"] for v in secure} == {"Standard", "Knative"}
+    assert secure[0]["istio"]["gateway"]["tls"]["enabled"] and secure[0]["podDisruptionBudget"]["minAvailable"] == 2
 
 
 # -- helm lint and strict validation of every rendered object ----------------------------------------
@@ -72,13 +78,23 @@ MUTATIONS = {
     "PrometheusRule: unknown rule field": ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(exprr="up")),
     "ConfigMap: unknown top-level field": ("ConfigMap", lambda o: o.update(dataa={})),
     "ServiceAccount: unknown field": ("ServiceAccount", lambda o: o.update(automount=True)),
+    "AuthorizationPolicy: action out of its enum": ("AuthorizationPolicy", lambda o: o["spec"].update(action="REJECT"), "secure-standard"),
+    "AuthorizationPolicy: unknown operation field": (
+        "AuthorizationPolicy", lambda o: o["spec"]["rules"][0]["to"][0]["operation"].update(pathz=["/"]), "secure-standard"),
+    "RequestAuthentication: unknown JWT rule field": (
+        "RequestAuthentication", lambda o: o["spec"]["jwtRules"][0].update(jwksUrl="x"), "secure-standard"),
+    "Gateway: unknown TLS field": ("Gateway", lambda o: o["spec"]["servers"][0]["tls"].update(secretName="x"), "secure-standard"),
+    "Gateway: TLS mode out of its enum": ("Gateway", lambda o: o["spec"]["servers"][0]["tls"].update(mode="STRICT"), "secure-standard"),
+    "PodDisruptionBudget: unknown field": ("PodDisruptionBudget", lambda o: o["spec"].update(maxUnavailablee=1), "secure-standard"),
+    "NetworkPolicy: unknown peer field": (
+        "NetworkPolicy", lambda o: o["spec"]["ingress"][0]["from"][0].update(namespace="x"), "secure-standard"),
 }
 
 
 @pytest.mark.parametrize("case", MUTATIONS, ids=list(MUTATIONS))
 def test_validation_refuses_unknown_fields_and_bad_types(case):
-    kind, mutate = MUTATIONS[case]
-    obj = one(render(), kind)
+    kind, mutate, *value_set = MUTATIONS[case]
+    obj = one(render(CHART / "ci" / f"{value_set[0]}-values.yaml" if value_set else None), kind)
     validate_object(obj)  # valid as rendered ...
     mutate(obj)
     with pytest.raises(AssertionError) as refused:  # ... and refused once broken
@@ -116,6 +132,21 @@ BAD_VALUES = {
     "min above max": (["--set", "autoscaling.minReplicas=5", "--set", "autoscaling.maxReplicas=2"], "minReplicas"),
     "route without gateway": (["--set", "istio.virtualService.gateways=null"], "gateway"),
     "name too long": (["--set", "fullnameOverride=" + "a" * 50], "fullnameOverride"),
+    "precision": (["--set", "precision=fp8"], "precision"),
+    "API keys in the values": (["--set", "auth.apiKeys.keys=secret-key"], "keys"),
+    "API keys file under /tmp": (["--set", "auth.apiKeys.existingSecret=k", "--set", "auth.apiKeys.mountPath=/tmp/keys"], "mountPath"),
+    "JWT without issuer": (["--set", "auth.jwt.enabled=true", "--set", "auth.jwt.jwksUri=https://x/jwks"], "issuer"),
+    "JWT keys over plain HTTP": (["--set", "auth.jwt.enabled=true", "--set", "auth.jwt.issuer=x",
+                                  "--set", "auth.jwt.jwksUri=http://x/jwks"], "jwksUri"),
+    "JWT path Istio cannot match": (["--set", "auth.jwt.paths={/v2/models/*/infer}"], "paths"),
+    "TLS without a certificate": (["--set", "istio.gateway.create=true", "--set", "istio.gateway.tls.enabled=true"], "credentialName"),
+    "Knative timeout shorter than the drain": (["--set", "timeout=40"], "drainTimeoutSeconds"),
+    "grace period set by hand": (["--set", "terminationGracePeriodSeconds=5"], "terminationGracePeriodSeconds"),
+    "negative rate limit": (["--set", "rateLimit.perMinute=-1"], "perMinute"),
+    "trust forwarded-for": (["--set", "rateLimit.trustForwardedFor=maybe"], "trustForwardedFor"),
+    "queue of 0 images": (["--set", "batching.maxQueueImages=0"], "maxQueueImages"),
+    "PDB bad minAvailable": (["--set", "podDisruptionBudget.minAvailable=half"], "minAvailable"),
+    "network policy: old namespace list": (["--set", "networkPolicy.allowedNamespaces={monitoring}"], "allowedNamespaces"),
 }
 
 
@@ -130,6 +161,10 @@ def test_bad_values_are_refused(case):
 def test_good_overrides_are_accepted():
     run([tool(HELM), "template", RELEASE, CHART, "--set", "canaryTrafficPercent=0", "--set", "model.storageUri=pvc://models/cifar10",
          "--set", "image.digest=sha256:" + "a" * 64, "--set", "autoscaling.minReplicas=0"])
+    run([tool(HELM), "template", RELEASE, CHART, "--set", "deploymentMode=Standard", "--set", "podDisruptionBudget.minAvailable=50%",
+         "--set", "rateLimit.trustForwardedFor=true", "--set", "precision=int8"])
+    # Knative mode: a revision timeout exactly covering queue-proxy drain (30 s) + drain + margin.
+    run([tool(HELM), "template", RELEASE, CHART, "--set", "timeout=55"])
 
 
 # -- what each value set promises ------------------------------------------------------------------
@@ -228,6 +263,246 @@ def test_monitoring_off_renders_only_the_inference_service():
     assert predictor["serviceAccountName"] == "default"
 
 
+# -- hardening (issue 6): pod security, drain, API keys, JWT, network policy, PDB, TLS ---------------------
+def env_of_values(values_file):
+    return env_of(predictor_container(render(values_file)))
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_the_pod_runs_restricted_with_a_writable_tmp_only(values_file):
+    objects = render(values_file)
+    _, annotations, predictor = isvc_of(objects)
+    container = predictor_container(objects)
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]} and security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not security.get("privileged")
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in predictor["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]], "the read-only root needs an emptyDir at /tmp"
+    assert all(m.get("readOnly") for path, m in mounts.items() if path != "/tmp"), "only /tmp may be writable"
+    # torch.compile's cache goes to the writable /tmp, not to the read-only home of the image.
+    assert env_of(container)["TORCHINDUCTOR_CACHE_DIR"].startswith("/tmp/")
+    if annotations["serving.kserve.io/deploymentMode"] == "Standard":
+        pod = predictor["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_the_grace_period_covers_the_prestop_sleep_and_the_drain(values_file):
+    objects = render(values_file)
+    _, annotations, predictor = isvc_of(objects)
+    container = predictor_container(objects)
+    drain = int(env_of(container)["DRAIN_TIMEOUT_S"])
+    assert drain == values_of(values_file)["shutdown"]["drainTimeoutSeconds"]
+    if annotations["serving.kserve.io/deploymentMode"] == "Standard":
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep" and len(command) == 2  # /bin/sleep of the Debian base (test_deploy_image)
+        sleep = int(command[1])
+        assert sleep >= 1, "endpoints need a moment to drop the pod before SIGTERM"
+        assert predictor["terminationGracePeriodSeconds"] >= sleep + drain + 1
+    else:
+        # Knative: its own preStop drains the queue-proxy (30 s), the grace period is the revision timeout.
+        assert "lifecycle" not in container
+        assert predictor["timeout"] >= 30 + drain + 1
+
+
+def test_the_grace_period_follows_the_drain_setting():
+    sets = ("deploymentMode=Standard", "istio.gateway.create=true", "shutdown.drainTimeoutSeconds=50",
+            "shutdown.preStopSleepSeconds=7", "shutdown.marginSeconds=3")
+    objects = render(sets=sets)
+    assert isvc_of(objects)[2]["terminationGracePeriodSeconds"] == 60
+    assert predictor_container(objects)["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "7"]
+    no_sleep = predictor_container(render(sets=(*sets, "shutdown.preStopSleepSeconds=0")))
+    assert "lifecycle" not in no_sleep
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_every_new_setting_reaches_the_predictor_env(values_file):
+    values = values_of(values_file)
+    env = env_of_values(values_file)
+    assert env["PRECISION"] == values["precision"]
+    assert env["MAX_QUEUE_IMAGES"] == str(values["batching"]["maxQueueImages"])
+    assert float(env["REQUEST_TIMEOUT_S"]) == values["limits"]["requestTimeoutSeconds"]
+    assert env["RATE_LIMIT_PER_MINUTE"] == str(values["rateLimit"]["perMinute"])
+    assert "API_KEYS" not in env, "keys never go into the pod spec in plain text"
+    trust = values["rateLimit"]["trustForwardedFor"]
+    istio_in_front = values["istio"]["virtualService"]["enabled"] or values["istio"]["gateway"]["create"]
+    assert env["TRUST_FORWARDED_FOR"] == str(istio_in_front if trust == "auto" else trust).lower()
+
+
+def test_trust_forwarded_for_follows_the_istio_route():
+    assert env_of_values(None)["TRUST_FORWARDED_FOR"] == "true"
+    assert env_of_values(CHART / "ci" / "monitoring-off-values.yaml")["TRUST_FORWARDED_FOR"] == "false"  # no route
+    assert env_of_values(CHART / "ci" / "secure-knative-values.yaml")["TRUST_FORWARDED_FOR"] == "false"  # set by hand
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_the_api_keys_secret_is_mounted_read_only_and_api_keys_file_points_into_it(values_file):
+    objects = render(values_file)
+    _, _, predictor = isvc_of(objects)
+    container = predictor_container(objects)
+    env = env_of(container)
+    keys = values_of(values_file)["auth"]["apiKeys"]
+    secret_volumes = [v for v in predictor["volumes"] if "secret" in v]
+    if not keys["existingSecret"]:
+        assert "API_KEYS_FILE" not in env and not secret_volumes
+        return
+    (volume,) = secret_volumes
+    assert volume["secret"]["secretName"] == keys["existingSecret"]
+    (item,) = volume["secret"]["items"]
+    assert item["key"] == keys["secretKey"]
+    assert volume["secret"]["defaultMode"] & 0o222 == 0 and volume["secret"]["defaultMode"] & 0o004  # read-only, readable by uid 10001
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True and "subPath" not in mount  # no subPath: the kubelet updates rotated keys
+    assert env["API_KEYS_FILE"] == f"{mount['mountPath'].rstrip('/')}/{item['path']}"
+    assert not env["API_KEYS_FILE"].startswith("/tmp/")
+
+
+def istio_path_matches(pattern: str, path: str) -> bool:
+    """Istio's AuthorizationPolicy path match: exact, `prefix*`, `*suffix` or `*`."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return path.startswith(pattern[:-1])
+    if pattern.startswith("*"):
+        return path.endswith(pattern[1:])
+    return path == pattern
+
+
+def jwt_required(policy: dict, path: str) -> bool:
+    """Whether the DENY policy refuses a request without a JWT on this path."""
+    for rule in policy["spec"]["rules"]:
+        assert rule["from"] == [{"source": {"notRequestPrincipals": ["*"]}}]
+        for to in rule["to"]:
+            op = to["operation"]
+            if any(istio_path_matches(p, path) for p in op["paths"]) and \
+                    not any(istio_path_matches(p, path) for p in op.get("notPaths", [])):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("values_file", [v for v in CI_VALUES if values_of(v)["auth"]["jwt"]["enabled"]],
+                         ids=lambda v: v.name.removesuffix("-values.yaml"))
+def test_the_jwt_policy_guards_predictions_and_never_health_or_metrics(values_file):
+    objects = render(values_file)
+    values = values_of(values_file)
+    model = values["model"]["name"]
+    authn, policy = one(objects, "RequestAuthentication"), one(objects, "AuthorizationPolicy")
+    (rule,) = authn["spec"]["jwtRules"]
+    assert rule["issuer"] == values["auth"]["jwt"]["issuer"] and rule["jwksUri"].startswith("https://")
+    assert rule.get("audiences", []) == values["auth"]["jwt"]["audiences"]
+    assert policy["spec"]["action"] == "DENY"
+    # Both select the predictor pods, as the PodMonitor (KServe's pod labels) does.
+    pods = one(objects, "PodMonitor")["spec"]["selector"]["matchLabels"]
+    assert authn["spec"]["selector"]["matchLabels"] == policy["spec"]["selector"]["matchLabels"] == pods
+    for path in ("/classify/image", "/classify/batch", f"/v1/models/{model}:predict", f"/v2/models/{model}/infer",
+                 f"/v2/models/{model}/versions/1/infer"):
+        assert jwt_required(policy, path), path
+    container = predictor_container(objects)
+    open_paths = {"/health", "/metrics", "/v2/health/live", "/v2/health/ready", f"/v2/models/{model}/ready",
+                  *(container[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe") if p in container)}
+    for path in open_paths:
+        assert not jwt_required(policy, path), path
+    # The helper can tell: a policy that guards everything would be caught.
+    assert jwt_required({"spec": {"rules": [{"from": [{"source": {"notRequestPrincipals": ["*"]}}],
+                                             "to": [{"operation": {"paths": ["*"]}}]}]}}, "/health")
+
+
+def test_no_jwt_policy_by_default():
+    objects = render()
+    assert not by_kind(objects, "RequestAuthentication") and not by_kind(objects, "AuthorizationPolicy")
+
+
+def ports_of(rule: dict) -> set[int]:
+    return {p["port"] for p in rule["ports"]}
+
+
+@pytest.mark.parametrize("values_file", [v for v in CI_VALUES if values_of(v)["networkPolicy"]["enabled"]],
+                         ids=lambda v: v.name.removesuffix("-values.yaml"))
+def test_the_network_policy_admits_only_the_gateway_prometheus_and_knative(values_file):
+    objects = render(values_file)
+    values = values_of(values_file)
+    np = values["networkPolicy"]
+    _, annotations, _ = isvc_of(objects)
+    knative = annotations["serving.kserve.io/deploymentMode"] == "Knative"
+    spec = one(objects, "NetworkPolicy")["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    container_port = predictor_container(objects)["ports"][0]["containerPort"]
+    rules = spec["ingress"]
+    for rule in rules:
+        assert rule.get("ports"), "every rule names its ports"
+        for peer in rule["from"]:
+            # No peer admits a whole namespace's or the whole cluster's pods unless configured so.
+            assert peer in np["extraFrom"] or ("namespaceSelector" in peer and "podSelector" in peer), peer
+
+    def rule_for(peer):
+        (found,) = [r for r in rules if {"namespaceSelector": peer["namespaceSelector"], "podSelector": peer["podSelector"]} in r["from"]]
+        return found
+
+    gateway, prometheus = rule_for(np["ingressGateway"]), rule_for(np["prometheus"])
+    # Prometheus reaches the PodMonitor's port (the container port) and nothing else.
+    (endpoint,) = one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    assert [p["containerPort"] for p in predictor_container(objects)["ports"] if p["name"] == endpoint["port"]] == [container_port]
+    assert ports_of(prometheus) == {container_port}
+    if knative:
+        # Requests reach the pod on the queue-proxy's ports, from the gateway or the activator.
+        assert 8012 in ports_of(gateway) and container_port not in ports_of(gateway)
+        activator = rule_for(np["knative"])
+        assert {8012, 9090} <= ports_of(activator)
+        assert len(rules) == 3
+    else:
+        assert ports_of(gateway) == {container_port}
+        assert len(rules) == 2
+    for extra in np["extraFrom"]:
+        assert extra in gateway["from"]
+
+
+def test_the_network_policy_is_opt_in():
+    assert not by_kind(render(), "NetworkPolicy")
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_a_pod_disruption_budget_guards_standard_mode_only(values_file):
+    objects = render(values_file)
+    values = values_of(values_file)
+    _, annotations, predictor = isvc_of(objects)
+    budgets = by_kind(objects, "PodDisruptionBudget")
+    if annotations["serving.kserve.io/deploymentMode"] == "Knative" or not values["podDisruptionBudget"]["enabled"]:
+        assert not budgets
+        return
+    (pdb,) = budgets
+    spec = pdb["spec"]
+    # It selects the pods KServe creates (the labels the PodMonitor selects on).
+    assert spec["selector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": isvc_of(objects)[0]["metadata"]["name"],
+                                               "component": "predictor"}
+    assert ("minAvailable" in spec) != ("maxUnavailable" in spec)
+    if "minAvailable" in spec:
+        # A drain must stay possible: fewer pods required than the fewest replicas.
+        assert spec["minAvailable"] == values["podDisruptionBudget"]["minAvailable"] < predictor["minReplicas"]
+    else:
+        assert spec["maxUnavailable"] == values["podDisruptionBudget"]["maxUnavailable"] >= 1
+
+
+def test_tls_at_the_gateway_serves_https_and_redirects_http():
+    objects = render(CHART / "ci" / "secure-standard-values.yaml")
+    gateway = one(objects, "Gateway")
+    servers = {s["port"]["protocol"]: s for s in gateway["spec"]["servers"]}
+    assert servers.keys() == {"HTTPS", "HTTP"}
+    https = servers["HTTPS"]
+    assert https["port"]["number"] == 443 and https["hosts"] == ["cifar10.example.com"]
+    assert https["tls"] == {"mode": "SIMPLE", "credentialName": "cifar10-example-com-tls", "minProtocolVersion": "TLSV1_2"}
+    assert servers["HTTP"]["tls"] == {"httpsRedirect": True}
+    route = one(objects, "VirtualService")["spec"]
+    assert route["gateways"] == [f"{NAMESPACE}/{gateway['metadata']['name']}"] and route["hosts"] == ["cifar10.example.com"]
+    # Without the redirect, HTTPS only; without TLS, HTTP only.
+    https_only = render(CHART / "ci" / "secure-standard-values.yaml", sets=("istio.gateway.tls.httpsRedirect=false",))
+    assert [s["port"]["protocol"] for s in one(https_only, "Gateway")["spec"]["servers"]] == ["HTTPS"]
+    plain = one(render(CHART / "ci" / "standard-values.yaml"), "Gateway")["spec"]["servers"]
+    assert [s["port"]["protocol"] for s in plain] == ["HTTP"] and "tls" not in plain[0]
+
+
 # -- admission rules of KServe's and Knative's webhooks, which no schema carries ----------------------
 # Knative's field masks (knative.dev/serving pkg/apis/serving/fieldmask.go) with its default
 # features, plus the fields our chart may add behind the features named in the README.
@@ -288,11 +563,25 @@ def test_notes_print_a_curl_command_for_the_route(values_file):
     if values["istio"]["virtualService"]["enabled"]:
         assert "${INGRESS_HOST}" in curls[0]
         host = values["istio"]["virtualService"]["hosts"][0]
-        assert (f'-H "Host: {host}"' in curls[0]) == (host != "*")
+        gateway = values["istio"]["gateway"]
+        if gateway["create"] and gateway["tls"]["enabled"]:
+            # HTTPS: the host name must be in the URL (SNI, certificate), resolved to the gateway.
+            assert "http://" not in curls[0] and "https://" in curls[0]
+            assert (f'--resolve "{host}:{gateway["tls"]["port"]}:${{INGRESS_HOST}}"' in curls[0]) == (host != "*")
+        else:
+            assert (f'-H "Host: {host}"' in curls[0]) == (host != "*")
     else:
         assert "${ISVC_URL}" in curls[0] and "{.status.url}" in notes
     if values["canaryTrafficPercent"] is not None:
         assert f"{values['canaryTrafficPercent']}%" in notes
+    # With API keys every curl sends one (the port-forward one too: the predictor checks it), and
+    # the notes say how to read it from the Secret; with JWT the mesh routes send a token.
+    keys = values["auth"]["apiKeys"]
+    assert all(('-H "X-API-Key: ${API_KEY}"' in c) == bool(keys["existingSecret"]) for c in curls), curls
+    if keys["existingSecret"]:
+        assert f"kubectl get secret {keys['existingSecret']}" in notes
+    assert ('-H "Authorization: Bearer ${TOKEN}"' in curls[0]) == values["auth"]["jwt"]["enabled"]
+    assert all("Authorization" not in c for c in curls if "127.0.0.1" in c)  # port-forward skips the sidecar
 
 
 # -- every value is documented -------------------------------------------------------------------------
@@ -346,9 +635,11 @@ CHECKOV_SKIPS = {
                   "image.digest pins it per release",
     "CKV_K8S_15": "IfNotPresent with an immutable version tag (or image.digest): Always would pull the multi-GB CUDA "
                   "image again on every scale-up, the slow path of scale-from-zero",
-    "CKV_K8S_29": "every setting is on the container's securityContext (non-root uid, no escalation, no capabilities, "
-                  "read-only root, seccomp RuntimeDefault); Knative refuses pod-level securityContext fields by default",
 }
+# Knative mode only: Standard mode sets the pod-level securityContext too.
+KNATIVE_POD_SECURITY_SKIP = ("CKV_K8S_29", "every setting is on the container's securityContext (non-root uid, no escalation, "
+                                           "no capabilities, read-only root, seccomp RuntimeDefault); Knative refuses "
+                                           "pod-level securityContext fields by default")
 NETWORK_POLICY_SKIP = ("CKV2_K8S_6", "the NetworkPolicy is opt-in (networkPolicy.enabled): which namespaces may call the "
                                      "predictor depends on the cluster's mesh and monitoring")
 
@@ -373,6 +664,18 @@ def test_checkov_passes_on_the_chart():
     assert result["passed"] >= 1
 
 
+@pytest.mark.parametrize("values_file", [CHART / "ci" / "secure-standard-values.yaml", CHART / "ci" / "secure-knative-values.yaml"],
+                         ids=["secure-standard", "secure-knative"])
+def test_checkov_passes_on_the_hardened_objects(values_file):
+    """Everything the hardened value sets render (NetworkPolicy, PodDisruptionBudget, Gateway with
+    TLS, the Istio security policies), through checkov's Kubernetes checks."""
+    objects = render(values_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "objects.yaml").write_text(yaml.safe_dump_all(objects))
+        result = checkov(Path(tmp), "kubernetes", {"CKV_K8S_21": CHECKOV_SKIPS["CKV_K8S_21"]})
+    assert not result["failed"], result["failed"]
+
+
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
 def test_checkov_passes_on_the_pod_kserve_creates(values_file):
     """checkov has no checks for an InferenceService: give it the Deployment KServe makes of the
@@ -392,8 +695,12 @@ def test_checkov_passes_on_the_pod_kserve_creates(values_file):
     policies = by_kind(objects, "NetworkPolicy")
     if not policies:
         skips[NETWORK_POLICY_SKIP[0]] = NETWORK_POLICY_SKIP[1]
+    if "securityContext" not in predictor:
+        skips[KNATIVE_POD_SECURITY_SKIP[0]] = KNATIVE_POD_SECURITY_SKIP[1]
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "deployment.yaml").write_text(yaml.safe_dump_all([deployment, *policies]))
+        Path(tmp, "deployment.yaml").write_text(yaml.safe_dump_all([deployment, *policies,
+                                                                    *by_kind(objects, "PodDisruptionBudget")]))
         result = checkov(Path(tmp), "kubernetes", skips)
     assert not result["failed"], result["failed"]
     assert result["passed"] > 50, result  # checkov's pod checks really ran

@@ -146,3 +146,18 @@ def test_the_process_runs_outside_the_source_tree():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--max_batch_size" in result.stdout and "--http_port" in result.stdout
+
+
+def test_the_image_has_what_the_chart_runs_in_it():
+    """The chart's preStop hook (Standard mode) execs `sleep`: the final stage must be a base with
+    coreutils (Debian's python slim images have /bin/sleep; distroless or scratch would not), and
+    the hook must run as the image's user without writing anywhere (the root is read-only)."""
+    final = dockerfile_stages()[1]
+    assert re.fullmatch(r"python:[\d.]+-slim-(bookworm|trixie|bullseye)", final["from"]), final["from"]
+    objects = render(CHART / "ci" / "standard-values.yaml")
+    command = predictor_container(objects)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and command[1].isdigit()
+    # The user the chart asks for is the Dockerfile's USER.
+    final_ = dict(final["instructions"][::-1])
+    assert final_["USER"] == "10001:10001"
+    assert predictor_container(objects)["securityContext"]["runAsUser"] == 10001

@@ -43,7 +43,12 @@ SEED_QUERIES = (
 # Form field of each routed path.
 FORM_FIELDS = {"/classify/image": "file", "/classify/batch": "files"}
 PREDICTOR_ENV = ("STORAGE_URI", "MODEL_DIR", "MODEL_NAME", "DEVICE", "MAX_BATCH_SIZE", "MAX_BATCH_DELAY_MS",
-                 "MAX_BATCH_FILES", "MAX_BODY_BYTES", "MAX_IMAGE_SIDE", "DECODE_THREADS", "TORCH_THREADS")
+                 "MAX_BATCH_FILES", "MAX_BODY_BYTES", "MAX_IMAGE_SIDE", "DECODE_THREADS", "TORCH_THREADS", "PRECISION",
+                 "MAX_QUEUE_IMAGES", "REQUEST_TIMEOUT_S", "DRAIN_TIMEOUT_S", "RATE_LIMIT_PER_MINUTE", "TRUST_FORWARDED_FOR",
+                 "API_KEYS", "API_KEYS_FILE", "TORCHINDUCTOR_CACHE_DIR")
+# The module sends a few hundred requests from one address within a minute (traffic, scrapes):
+# the chart's per-client rate limit (100/min) is lifted through its own value for the contract.
+CONTRACT_SETS = ("rateLimit.perMinute=0",)
 # The live Prometheus: scrape every second, and alert at once on any error or latency.
 LIVE_SETS = ("monitoring.podMonitor.interval=1s", "monitoring.podMonitor.scrapeTimeout=1s",
              "monitoring.prometheusRule.errorRate.threshold=0", "monitoring.prometheusRule.errorRate.for=0s",
@@ -79,13 +84,17 @@ def deployed(tmp_path_factory):
     """The predictor as the chart's default InferenceService runs it."""
     # The chart's port (8080), unless something on this machine holds it: then the chart is
     # rendered with another containerPort, and everything below follows the rendered value.
-    sets = () if port_is_free(8080) else (f"containerPort={free_port()}",)
+    sets = CONTRACT_SETS if port_is_free(8080) else (*CONTRACT_SETS, f"containerPort={free_port()}")
     objects = render(sets=sets)
     container = predictor_container(objects)
     port = container["ports"][0]["containerPort"]
     env = {e["name"]: e["value"] for e in container["env"]}
     venv = image_install()
     workdir = tmp_path_factory.mktemp("app")  # the image's empty WORKDIR
+    # The pod's /tmp is an emptyDir of its own: paths under it (torch.compile's cache) go to a
+    # private folder here, not to this machine's shared /tmp.
+    pod_tmp = tmp_path_factory.mktemp("pod-tmp")
+    env = {k: str(pod_tmp / v[len("/tmp/"):]) if v.startswith("/tmp/") else v for k, v in env.items()}
     log_path = workdir.parent / "predictor.log"
     log = open(log_path, "w")
     base_env = {k: v for k, v in os.environ.items() if k not in PREDICTOR_ENV}

@@ -105,6 +105,52 @@ Istio Gateways of the VirtualService: the configured ones plus the created one.
 {{- end }}
 
 {{/*
+Seconds Knative's queue-proxy spends draining (its preStop /wait-for-drain) before the predictor
+gets SIGTERM; in Knative mode the pod's grace period is the revision timeout and must cover both.
+*/}}
+{{- define "cifar10.knativeDrainSeconds" -}}30{{- end }}
+
+{{/*
+terminationGracePeriodSeconds of a Standard-mode pod, derived so it always covers the preStop
+sleep, the predictor's drain (DRAIN_TIMEOUT_S) and a margin for the exit.
+*/}}
+{{- define "cifar10.terminationGracePeriodSeconds" -}}
+{{- $s := .Values.shutdown }}
+{{- add (int $s.preStopSleepSeconds) (int $s.drainTimeoutSeconds) (int $s.marginSeconds) }}
+{{- end }}
+
+{{/*
+TRUST_FORWARDED_FOR: with `auto`, true when the chart's Istio route (or Gateway) is in front of
+the predictor, where the peer address is the gateway's and the client's is in X-Forwarded-For.
+*/}}
+{{- define "cifar10.trustForwardedFor" -}}
+{{- $v := .Values.rateLimit.trustForwardedFor }}
+{{- if eq (toString $v) "auto" }}
+{{- ternary "true" "false" (or .Values.istio.virtualService.enabled .Values.istio.gateway.create) }}
+{{- else }}
+{{- ternary "true" "false" (eq (toString $v) "true") }}
+{{- end }}
+{{- end }}
+
+{{/*
+Path of the API keys file inside the container (env API_KEYS_FILE), when a Secret is configured.
+*/}}
+{{- define "cifar10.apiKeysFile" -}}
+{{- with .Values.auth.apiKeys.existingSecret }}
+{{- printf "%s/%s" (trimSuffix "/" $.Values.auth.apiKeys.mountPath) $.Values.auth.apiKeys.secretKey }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels KServe puts on the predictor pods (both modes), for the PodDisruptionBudget, the
+NetworkPolicy and the Istio policies.
+*/}}
+{{- define "cifar10.podSelectorLabels" -}}
+serving.kserve.io/inferenceservice: {{ include "cifar10.fullname" . }}
+component: predictor
+{{- end }}
+
+{{/*
 Checks that a JSON schema cannot express.
 */}}
 {{- define "cifar10.validate" -}}
@@ -116,5 +162,13 @@ Checks that a JSON schema cannot express.
 {{- end }}
 {{- if and (eq .Values.deploymentMode "Knative") (gt (int .Values.autoscaling.knative.containerConcurrency) 0) (gt (int .Values.autoscaling.knative.target) (int .Values.autoscaling.knative.containerConcurrency)) (eq .Values.autoscaling.knative.metric "concurrency") }}
 {{- fail "autoscaling.knative.target must not exceed autoscaling.knative.containerConcurrency" }}
+{{- end }}
+{{- $drain := int .Values.shutdown.drainTimeoutSeconds }}
+{{- $margin := int .Values.shutdown.marginSeconds }}
+{{- if and (eq .Values.deploymentMode "Knative") (lt (int .Values.timeout) (add (include "cifar10.knativeDrainSeconds" . | int) $drain $margin | int)) }}
+{{- fail (printf "timeout (%d s) is the pods' termination grace period in Knative mode: it must cover the queue-proxy drain (%s s) + shutdown.drainTimeoutSeconds (%d s) + shutdown.marginSeconds (%d s)" (int .Values.timeout) (include "cifar10.knativeDrainSeconds" .) $drain $margin) }}
+{{- end }}
+{{- if and .Values.auth.apiKeys.existingSecret (has .Values.auth.apiKeys.mountPath (list "/tmp" "/app" "/")) }}
+{{- fail "auth.apiKeys.mountPath must be a folder of its own" }}
 {{- end }}
 {{- end }}
