@@ -1,10 +1,12 @@
 """The Helm chart: `helm lint --strict` and `helm template` for every value set (the defaults and
 helm/cifar10-classifier/ci/*-values.yaml: Standard mode, Standard with KEDA, CPU only, canary,
-monitoring off); every rendered object validated strictly (core kinds with kubernetes-validate at
+monitoring off, and the hardened Standard and Knative sets); every rendered object validated strictly (core kinds with kubernetes-validate at
 Kubernetes 1.29 and 1.34, custom resources against the CRDs in ../shared/schemas/crds, unknown
 fields fail, a kind covered by neither fails); KServe's and Knative's admission rules that no
-schema carries; bad values refused by values.schema.json; NOTES.txt; documentation of every
-value; checkov on the chart and on the pod KServe creates from the InferenceService."""
+schema carries; bad values refused by values.schema.json; the hardening (pod security, grace
+period vs drain, API-key Secret, JWT policy paths, NetworkPolicy peers and ports, PDB, gateway
+TLS); NOTES.txt; documentation of every value; checkov on the chart, on the pod KServe creates
+from the InferenceService and on the hardened objects."""
 
 import json
 import os
@@ -709,3 +711,22 @@ def test_checkov_passes_on_the_pod_kserve_creates(values_file):
 def test_kube_versions_match_the_chart():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["kubeVersion"] == f">={KUBE_VERSIONS[0]}.0-0"
+
+
+def test_the_guides_yaml_examples_validate():
+    """The Kubernetes objects shown in helm/README.md (the ingress rate-limit EnvoyFilter, ...)
+    validate like the chart's own; cert-manager's Certificate has no schema here."""
+    text = (ROOT / "helm" / "README.md").read_text()
+    blocks = re.findall(r"^( *)```yaml\n(.*?)^\1```", text, re.M | re.S)
+    objects = []
+    for indent, body in blocks:
+        body = "\n".join(line[len(indent):] for line in body.splitlines())
+        objects += [d for d in yaml.safe_load_all(body) if isinstance(d, dict) and "kind" in d]
+    kinds = {o["kind"] for o in objects}
+    assert {"EnvoyFilter", "Certificate"} <= kinds, kinds
+    for obj in objects:
+        if obj["apiVersion"].startswith("cert-manager.io/"):
+            with pytest.raises(NotCovered):
+                validate_object(obj)
+            continue
+        validate_object(obj)
