@@ -25,7 +25,7 @@ from . import reports
 from .calibration import expected_calibration_error, fit_temperature
 from .data import Dataset, load_image_folder, stratified_split
 from .network import ARCHITECTURE, CLASSES, build_resnet18, normalize
-from .weights import CARD_FILE, PACKAGED_DIR, WEIGHTS_FILE, network_from_file, save_weights, sha256_of
+from .weights import CARD_FILE, PACKAGED_DIR, WEIGHTS_FILE, load_model, network_from_file, save_weights, sha256_of
 
 log = logging.getLogger("predictor.train")
 
@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads on CPU (0: torch's default)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--init-from", default="",
+                   help="start from exported weights (a model directory with its card) instead of random ones; "
+                        "the card must show the same data and split, so no validation image was ever trained on")
     p.add_argument("--stop-after", type=int, default=0,
                    help="end this run once this many epochs are done (the schedule still spans --epochs); "
                         "continue later with --resume")
@@ -113,7 +116,9 @@ def train(args: argparse.Namespace) -> dict | None:
     log.info("device %s, bf16 autocast %s, %d train / %d validation images, %d steps/epoch",
              device, autocast, len(images), len(val_set.labels), steps_per_epoch)
 
-    model = build_resnet18().to(device).to(memory_format=torch.channels_last)
+    parent = warm_start_card(args, data.fingerprint) if args.init_from else None
+    model = (load_model(Path(args.init_from))[0].train() if parent else build_resnet18())
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -176,11 +181,23 @@ def train(args: argparse.Namespace) -> dict | None:
         if args.stop_after and epoch + 1 >= args.stop_after and epoch + 1 < args.epochs:
             log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
             return None
-    return export(model, data, val_set, history, args)
+    return export(model, data, val_set, history, args, parent)
+
+
+def warm_start_card(args: argparse.Namespace, fingerprint: str) -> dict:
+    """The parent model card, refused unless it was trained on the same data with the same held-out split."""
+    card = json.loads((Path(args.init_from) / CARD_FILE).read_text())
+    data = card.get("data", {})
+    same_split = (data.get("fingerprint_sha256") == fingerprint and data.get("split_seed") == args.split_seed
+                  and data.get("validation_images") == args.holdout)
+    if not same_split:
+        raise SystemExit(f"--init-from {args.init_from}: its model card shows other data or another validation "
+                         "split; warm-starting from it would leak validation images into training")
+    return card
 
 
 def export(model: torch.nn.Module, data: Dataset, val_set: Dataset, history: list[dict],
-           args: argparse.Namespace) -> dict:
+           args: argparse.Namespace, parent: dict | None = None) -> dict:
     """Save fp16 weights, then measure the *saved* file in fp32 on CPU: accuracy, temperature, ECE."""
     out = Path(args.out)
     weights_path = save_weights(model.float().cpu(), out)
@@ -214,6 +231,9 @@ def export(model: torch.nn.Module, data: Dataset, val_set: Dataset, history: lis
         "ece_15_bins": {"before": round(ece_before, 4), "after": round(ece_after, 4),
                         "note": "temperature fitted and ECE measured on the same validation split"},
         "history": history,
+        "init_from": None if parent is None else {
+            key: parent.get(key) for key in ("weights_sha256", "epochs", "validation_accuracy", "date",
+                                             "command", "recipe", "init_from")},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m predictor.train " + shlex.join(sys.argv[1:]),
     }
