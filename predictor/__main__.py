@@ -23,7 +23,19 @@ from .weights import WeightsError  # noqa: E402
 log = logging.getLogger("predictor")
 
 
+def _configure_logging() -> None:
+    """Our log lines (load, precision, drain) in KServe's format; KServe only configures its own loggers."""
+    from kserve.logging import KSERVE_LOGGER_DATE_FORMAT, KSERVE_LOGGER_FORMAT
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(KSERVE_LOGGER_FORMAT, KSERVE_LOGGER_DATE_FORMAT))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def main() -> None:
+    _configure_logging()
     args = build_parser(model_server.parser).parse_args()
     settings = settings_from(args)
     if args.torch_threads:
@@ -32,10 +44,14 @@ def main() -> None:
     try:
         model.load()
     except WeightsError as exc:
-        logging.basicConfig()
         log.error("cannot serve: %s", exc)
         sys.exit(2)
-    model_server.ModelServer().start([model])
+    log.info("API keys: %s; rate limit: %s; queue bound %d images; deadline %g s; drain %d s",
+             f"{len(settings.api_keys)} configured" if settings.api_keys.enabled else "off (no keys configured)",
+             f"{settings.rate_limit_per_minute}/min per caller" if settings.rate_limit_per_minute else "off",
+             settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
+    # KServe hands grace_period to uvicorn as its graceful-shutdown timeout: the drain window.
+    model_server.ModelServer(grace_period=settings.drain_timeout_s).start([model])
 
 
 if __name__ == "__main__":

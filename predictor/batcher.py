@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
+from .errors import ApiError
 
 
 @dataclass
@@ -26,10 +27,12 @@ class _Pending:
 class DynamicBatcher:
     """Stacks concurrent requests into batches for `forward` ([N,32,32,3] uint8 -> [N,10])."""
 
-    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_ms: float):
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_ms: float,
+                 max_queue_images: int = 256):
         self.forward = forward
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
+        self.max_queue_images = max_queue_images
         self._pending: deque[_Pending] = deque()
         self._queued_images = 0
         self._arrived: asyncio.Event | None = None
@@ -37,15 +40,29 @@ class DynamicBatcher:
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
-        """Logits for `images`, computed in as few forward passes as the traffic allows."""
+        """Logits for `images`, computed in as few forward passes as the traffic allows.
+
+        Raises a 503 ApiError at once when the queue cannot take them: a full queue means the
+        replica is saturated, and waiting longer would only grow everyone's latency.
+        """
         self._ensure_worker()
+        # An empty queue takes any request, so one larger than the queue bound is still served.
+        if self._queued_images + len(images) > self.max_queue_images and self._queued_images > 0:
+            metrics.SHED.inc()
+            raise ApiError(503, "overloaded", f"{self._queued_images} images are already queued (limit "
+                           f"{self.max_queue_images}); retry shortly.", {"Retry-After": "1"})
         chunks = [_Pending(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
         for chunk in chunks:
             self._pending.append(chunk)
             self._queued_images += len(chunk.images)
             metrics.QUEUE_DEPTH.inc(len(chunk.images))
         self._arrived.set()
-        return np.concatenate([await chunk.future for chunk in chunks])
+        try:
+            return np.concatenate([await chunk.future for chunk in chunks])
+        except asyncio.CancelledError:  # the caller gave up: none of its chunks need computing
+            for chunk in chunks:
+                chunk.future.cancel()
+            raise
 
     def _ensure_worker(self) -> None:
         # Created on first use so they belong to the serving event loop (and to each worker process).
@@ -70,20 +87,26 @@ class DynamicBatcher:
             remaining = deadline - loop.time()
             if remaining <= 0 or not await self._wait_for_arrival(remaining):
                 break
-        batch = [self._pending.popleft()]
-        size = len(batch[0].images)
-        # Whole requests only: a chunk that does not fit starts the next batch.
+        batch, size, dropped = [], 0, 0
+        # Whole requests only: a chunk that does not fit starts the next batch. Chunks whose caller
+        # has gone (deadline passed, client disconnected) are dropped rather than computed.
         while self._pending and size + len(self._pending[0].images) <= self.max_batch_size:
-            batch.append(self._pending.popleft())
-            size += len(batch[-1].images)
-        self._queued_images -= size
-        metrics.QUEUE_DEPTH.dec(size)
+            pending = self._pending.popleft()
+            if pending.future.done():
+                dropped += len(pending.images)
+                continue
+            batch.append(pending)
+            size += len(pending.images)
+        self._queued_images -= size + dropped
+        metrics.QUEUE_DEPTH.dec(size + dropped)
         return batch
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            if not batch:
+                continue
             images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
             metrics.BATCH_SIZE.observe(len(images))
             try:
@@ -103,7 +126,8 @@ class DynamicBatcher:
 
     def __getstate__(self) -> dict:
         # Only the settings travel to worker processes; queue, task and thread are made there.
-        return {"forward": self.forward, "max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay * 1000}
+        return {"forward": self.forward, "max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay * 1000,
+                "max_queue_images": self.max_queue_images}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from .model import Settings
+from .security import ApiKeys
 from .weights import PACKAGED_DIR
 
 DEFAULT_MODEL_NAME = "cifar10-resnet18"
@@ -46,11 +47,49 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--decode_threads", type=int, default=_env("DECODE_THREADS", 2, int), help="image decoding threads [env DECODE_THREADS]")
     add("--torch_threads", type=int, default=_env("TORCH_THREADS", 0, int),
         help="intra-op threads for the forward pass; 0 keeps torch's default (one per core) [env TORCH_THREADS]")
+    add("--precision", default=_env("PRECISION", "auto"), choices=["auto", "fp32", "bf16", "int8", "fp16"],
+        help="numeric precision of the forward pass; auto picks the fastest that keeps accuracy on this device [env PRECISION]")
+    add("--max_queue_images", type=int, default=_env("MAX_QUEUE_IMAGES", 256, int),
+        help="images waiting for a forward pass before new requests get 503 + Retry-After [env MAX_QUEUE_IMAGES]")
+    add("--request_timeout_s", type=float, default=_env("REQUEST_TIMEOUT_S", 30.0, float),
+        help="deadline of a prediction call, body upload included; past it the caller gets 504 [env REQUEST_TIMEOUT_S]")
+    add("--drain_timeout_s", type=int, default=_env("DRAIN_TIMEOUT_S", 20, int),
+        help="after SIGTERM, how long admitted requests get to finish before the process exits [env DRAIN_TIMEOUT_S]")
+    add("--api_keys_file", type=Path, default=_env("API_KEYS_FILE", None, Path),
+        help="file with one API key per line (a mounted Secret); with keys configured (here or in env API_KEYS, "
+             "comma-separated) prediction calls need 'Authorization: Bearer <key>' or 'X-API-Key' [env API_KEYS_FILE]")
+    add("--rate_limit_per_minute", type=int, default=_env("RATE_LIMIT_PER_MINUTE", 100, int),
+        help="prediction calls per minute per API key (per client address without keys), per replica; 0 turns it off "
+             "[env RATE_LIMIT_PER_MINUTE]")
+    add("--trust_forwarded_for", type=_boolean, default=_env("TRUST_FORWARDED_FOR", False, _boolean),
+        help="rate-limit by the right-most X-Forwarded-For address (set it behind an ingress proxy) [env TRUST_FORWARDED_FOR]")
     return parser
 
 
+def _boolean(value: str) -> bool:
+    if str(value).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(value).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def load_api_keys(args: argparse.Namespace) -> ApiKeys:
+    try:
+        keys = ApiKeys.load(os.environ.get("API_KEYS", ""), args.api_keys_file)
+    except OSError as exc:
+        raise SystemExit(f"--api_keys_file: cannot read {args.api_keys_file} ({exc.strerror})") from None
+    if args.api_keys_file is not None and not keys.enabled:
+        raise SystemExit(f"--api_keys_file: {args.api_keys_file} holds no keys; refusing to serve without the auth it asks for")
+    if keys.enabled and args.enable_grpc:
+        raise SystemExit("API keys protect the HTTP API only; start with --enable_grpc false so gRPC is not a way around them")
+    return keys
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    for name, minimum in (("max_batch_size", 1), ("max_batch_files", 1), ("max_body_bytes", 1), ("max_image_side", 1), ("decode_threads", 1)):
+    for name, minimum in (("max_batch_size", 1), ("max_batch_files", 1), ("max_body_bytes", 1), ("max_image_side", 1),
+                          ("decode_threads", 1), ("max_queue_images", 1), ("request_timeout_s", 0.001),
+                          ("drain_timeout_s", 0), ("rate_limit_per_minute", 0)):
         if getattr(args, name) < minimum:
             raise SystemExit(f"--{name} must be >= {minimum}")
     return Settings(
@@ -58,4 +97,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_batch_size=args.max_batch_size, max_batch_delay_ms=max(0.0, args.max_batch_delay_ms),
         max_batch_files=args.max_batch_files, max_body_bytes=args.max_body_bytes,
         max_image_side=args.max_image_side, decode_threads=args.decode_threads,
+        max_queue_images=args.max_queue_images, request_timeout_s=args.request_timeout_s,
+        drain_timeout_s=args.drain_timeout_s, api_keys=load_api_keys(args),
+        rate_limit_per_minute=args.rate_limit_per_minute, trust_forwarded_for=args.trust_forwarded_for,
+        precision=args.precision,
     )

@@ -1,6 +1,7 @@
 """The one error type every request path raises, rendered as {"error": {"code", "message"}}."""
 
 from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 
 
 class ApiError(HTTPException):
@@ -18,3 +19,8 @@ class ApiError(HTTPException):
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error format as a response (an ASGI app too, for middleware that answers before routing)."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)

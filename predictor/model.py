@@ -17,6 +17,7 @@ from .engine import InferenceEngine
 from .errors import ApiError
 from .imaging import decode_image
 from .network import CLASSES, IMAGE_SIZE, build_resnet18
+from .security import ApiKeys
 from .weights import load_model
 
 log = logging.getLogger("predictor")
@@ -41,6 +42,13 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     max_image_side: int = 4096
     decode_threads: int = 2
+    max_queue_images: int = 256
+    request_timeout_s: float = 30.0
+    drain_timeout_s: int = 20
+    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
+    rate_limit_per_minute: int = 100
+    trust_forwarded_for: bool = False
+    precision: str = "auto"
 
 
 @dataclass
@@ -87,7 +95,8 @@ class Cifar10Classifier(kserve.Model):
             self.version = self.card.get("weights_sha256", "")[:12]
         self.temperature = float(self.card.get("temperature", 1.0))
         self.runner = InferenceEngine(network, self.settings.device)
-        self.batcher = DynamicBatcher(self.runner.logits, self.settings.max_batch_size, self.settings.max_batch_delay_ms)
+        self.batcher = DynamicBatcher(self.runner.logits, self.settings.max_batch_size, self.settings.max_batch_delay_ms,
+                                     self.settings.max_queue_images)
         self.runner.logits(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # warm-up; raises if broken
         self.forward_ok = True
         self.ready = True

@@ -114,3 +114,49 @@ def v2_response(request: InferRequest, model_name: str, version: str, probabilit
     outputs[0].set_data_from_numpy(probabilities.astype(np.float32), binary_data=False)
     outputs[1].set_data_from_numpy(labels, binary_data=False)
     return InferResponse(response_id=request.id, model_name=model_name, model_version=version, infer_outputs=outputs)
+
+
+# Bytes per element of the fixed-size v2 datatypes (BYTES elements carry their own lengths).
+_V2_ITEM_SIZES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
+                  "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
+
+
+def v2_binary_framing_error(header_length: bytes, body: bytes) -> ApiError | None:
+    """Why a v2 binary-data-extension body is inconsistent (KServe would fail on it with a 500), or None.
+
+    The body is a JSON header of `header_length` bytes followed by each binary input's raw bytes;
+    sizes must be whole numbers that match the shapes and add up to exactly what was sent.
+    """
+    def invalid(message: str) -> ApiError:
+        return ApiError(400, "invalid_request", message)
+
+    text = header_length.decode("latin-1").strip()
+    if not text.isdigit() or not 0 < int(text) <= len(body):
+        return invalid(f"Inference-Header-Content-Length {text!r} must be the JSON header's byte length "
+                       f"(1..{len(body)}).")
+    try:
+        inputs = orjson.loads(body[:int(text)]).get("inputs")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None  # not a JSON object: KServe's parser reports that precisely
+    declared = 0
+    for item in inputs if isinstance(inputs, list) else []:
+        parameters = item.get("parameters") if isinstance(item, dict) else None
+        if not isinstance(parameters, dict) or "binary_data_size" not in parameters:
+            continue
+        name, size, shape = item.get("name"), parameters["binary_data_size"], item.get("shape")
+        if type(size) is not int or size < 0:
+            return invalid(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}.")
+        if item.get("datatype") == "BYTES":
+            return ApiError(400, "unsupported_binary_bytes",
+                            f"BYTES input {name!r} over the binary-data extension is not supported (kserve 0.21 "
+                            "re-encodes it as text); send base64 strings in JSON, or a UINT8 'pixels' tensor as binary.")
+        item_size = _V2_ITEM_SIZES.get(item.get("datatype"))
+        if item_size is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            return invalid(f"input {name!r}: binary data needs a fixed-size datatype and a shape of non-negative integers.")
+        if int(np.prod(shape, dtype=np.int64)) * item_size != size:
+            return invalid(f"input {name!r}: shape {shape} of {item['datatype']} is {int(np.prod(shape)) * item_size} "
+                           f"bytes, but binary_data_size says {size}.")
+        declared += size
+    if declared != len(body) - int(text):
+        return invalid(f"The binary inputs declare {declared} bytes but {len(body) - int(text)} follow the JSON header.")
+    return None

@@ -4,35 +4,27 @@ Importing this module registers everything on `kserve.model_server.app`, so the 
 KServe's ModelServer and by every worker process it spawns.
 """
 
-import time
+import logging
 import warnings
 from contextlib import asynccontextmanager
 
-import orjson
-
 from fastapi import File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from kserve import errors as kserve_errors
 from kserve.model_server import app
 from starlette.exceptions import HTTPException
 
-from . import metrics
-from .errors import ApiError
+from .errors import ApiError, error_response
+from .guard import Drain, RequestGuard
 from .model import ClassifyRequest, active_model
 from .payloads import timestamp
 
 # KServe's app uses ORJSONResponse, which FastAPI now flags on every response; nothing to act on.
 warnings.filterwarnings("ignore", message=".*ORJSONResponse is deprecated.*")
 
-# Routes whose calls count in api_requests_total / api_request_latency_seconds.
-PREDICTION_ROUTES = {"/classify/image", "/classify/batch", "/v1/models/{model_name}:predict", "/v2/models/{model_name}/infer"}
+log = logging.getLogger("predictor")
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
           415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
-
-
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 def _serving_model():
@@ -72,42 +64,48 @@ async def classify_batch(request: Request, files: list[UploadFile] = File(..., d
 async def health():
     model = active_model()
     if model is None or not (model.ready and model.forward_ok):
-        return _error(503, "model_not_ready", "The model is not loaded yet.")
+        return error_response(503, "model_not_ready", "The model is not loaded yet.")
     return {"status": "healthy", "model_loaded": True, **model.metadata}
 
 
 # -- error format: every failure is {"error": {"code", "message"}} ----------------------------------
 async def _api_error(_: Request, exc: ApiError):
-    return _error(exc.status, exc.code, exc.message, exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
 async def _http_error(_: Request, exc: HTTPException):
-    return _error(exc.status_code, _CODES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
+    return error_response(exc.status_code, _CODES.get(exc.status_code, "http_error"), str(exc.detail), exc.headers)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError):
     problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-    return _error(422, "invalid_request", problems or "The request does not match the API.")
+    return error_response(422, "invalid_request", problems or "The request does not match the API.")
 
 
 async def _kserve_invalid_input(_: Request, exc: Exception):
-    return _error(400, "invalid_request", str(exc))
+    return error_response(400, "invalid_request", str(exc))
 
 
 async def _kserve_model_not_found(_: Request, exc: Exception):
-    return _error(404, "model_not_found", str(exc))
+    return error_response(404, "model_not_found", str(exc))
 
 
 async def _kserve_model_not_ready(_: Request, exc: Exception):
-    return _error(503, "model_not_ready", str(exc))
+    return error_response(503, "model_not_ready", str(exc))
 
 
 async def _kserve_inference_error(_: Request, exc: Exception):
-    return _error(500, "inference_error", str(exc))
+    return error_response(500, "inference_error", str(exc))
+
+
+async def _not_supported(_: Request, exc: Exception):
+    # KServe raises NotImplementedError for features this single, unversioned model does not offer
+    # (model versions, explain): the client asked for something that is not here.
+    return error_response(404, "not_supported", str(exc) or "Not supported by this predictor.")
 
 
 async def _internal_error(_: Request, exc: Exception):
-    return _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
 _HANDLERS = {
@@ -118,6 +116,7 @@ _HANDLERS = {
     kserve_errors.ModelNotFound: _kserve_model_not_found,
     kserve_errors.ModelNotReady: _kserve_model_not_ready,
     kserve_errors.InferenceError: _kserve_inference_error,
+    NotImplementedError: _not_supported,
     Exception: _internal_error,
 }
 
@@ -133,106 +132,13 @@ async def _lifespan(_app):
     # back on top and have Starlette rebuild its middleware stack with them on the next request.
     install_error_handlers()
     app.middleware_stack = None
+    Drain.chain_signal_handler()  # the server's own SIGTERM handler is in place by now
     yield
+    log.info("drained: %d admitted request(s) still in flight at exit", Drain.in_flight)
 
 
 install_error_handlers()
 app.router.lifespan_context = _lifespan
-
-
-# -- HTTP guards: body size limit and the seed's request metrics ----------------------------------
-class RequestGuard:
-    """Pure-ASGI middleware: refuses oversized bodies early and records the api_* metrics."""
-
-    def __init__(self, asgi_app):
-        self.app = asgi_app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        model = active_model()
-        limit = model.settings.max_body_bytes if model else None
-        started = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_and_record(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        if limit is not None and scope["method"] in ("POST", "PUT", "PATCH"):
-            declared = dict(scope["headers"]).get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                await _error(413, "payload_too_large", f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes.")(
-                    scope, receive, send_and_record)
-                return self._record(scope, status["code"], started)
-            receive = self._counting(receive, limit)
-            if dict(scope["headers"]).get(b"inference-header-content-length") is not None:
-                receive, refusal = await self._screen_v2_binary(scope, receive)
-                if refusal is not None:
-                    await refusal(scope, receive, send_and_record)
-                    return self._record(scope, status["code"], started)
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            self._record(scope, status["code"], started)
-
-    @staticmethod
-    def _counting(receive, limit: int):
-        """A receive that stops a body (e.g. chunked, without Content-Length) once it passes the limit."""
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise ApiError(413, "payload_too_large", f"Request body exceeds the limit of {limit} bytes.")
-            return message
-
-        return counted
-
-    @staticmethod
-    async def _screen_v2_binary(scope, receive):
-        """Refuse BYTES inputs sent over the v2 binary-data extension, which kserve 0.21 garbles.
-
-        Reads the (already size-limited) body, looks at the JSON header's inputs, and otherwise
-        hands the body on unchanged. Returns (receive for the app, error response or None).
-        """
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-
-        async def replay():
-            nonlocal body
-            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-            return message
-
-        declared = dict(scope["headers"]).get(b"inference-header-content-length", b"")
-        try:
-            header = orjson.loads(body[: int(declared)])
-            binary_bytes = [i.get("name") for i in header.get("inputs", []) if i.get("datatype") == "BYTES"
-                            and "binary_data_size" in (i.get("parameters") or {})]
-        except (ValueError, TypeError, AttributeError):
-            return replay, None  # malformed: KServe's parser gives the precise error
-        if not binary_bytes:
-            return replay, None
-        return replay, _error(400, "unsupported_binary_bytes",
-                              f"BYTES input(s) {binary_bytes} over the binary-data extension are not supported (kserve 0.21 "
-                              "re-encodes them as text); send base64 strings in JSON, or a UINT8 'pixels' tensor as binary.")
-
-    @staticmethod
-    def _record(scope, code: int, started: float) -> None:
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or scope["path"]
-        if endpoint not in PREDICTION_ROUTES:
-            return
-        metrics.REQUESTS.labels(endpoint, "success" if code < 400 else "error", str(code)).inc()
-        metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
 
 
 app.add_middleware(RequestGuard)

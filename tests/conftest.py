@@ -75,9 +75,13 @@ def stop_process(process: subprocess.Popen, grace: float = 30) -> None:
 
 @pytest.fixture(scope="session")
 def server():
-    """The predictor with its shipped weights and default settings, gRPC on as well."""
+    """The predictor with its shipped weights and default settings, gRPC on as well.
+
+    The per-caller rate limit is off: the whole suite calls from one address (test_hardening
+    tests the limit on a server of its own).
+    """
     grpc_port = free_port()
-    srv = Server("--enable_grpc", "true", "--grpc_port", str(grpc_port))
+    srv = Server("--enable_grpc", "true", "--grpc_port", str(grpc_port), "--rate_limit_per_minute", "0")
     srv.grpc_port = grpc_port
     yield srv
     srv.stop()
@@ -86,7 +90,8 @@ def server():
 @pytest.fixture(scope="session")
 def strict_server():
     """The predictor with small limits, to exercise every limit quickly."""
-    srv = Server("--max_body_bytes", "200000", "--max_batch_files", "4", "--max_image_side", "512", "--max_batch_size", "8")
+    srv = Server("--max_body_bytes", "200000", "--max_batch_files", "4", "--max_image_side", "512", "--max_batch_size", "8",
+                 "--rate_limit_per_minute", "0")
     yield srv
     srv.stop()
 

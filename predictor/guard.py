@@ -1,0 +1,207 @@
+"""The HTTP guard in front of every route: drain, API keys, rate limit, body limit, deadline, metrics.
+
+A pure-ASGI middleware, so it sees each request before FastAPI parses anything, in this order:
+refuse while draining (503) -> authenticate (401) -> rate-limit (429) -> refuse oversized bodies
+(413) -> run the route under the request deadline (504) -> record api_* metrics.
+"""
+
+import asyncio
+import logging
+import re
+import signal
+import time
+
+from . import metrics
+from .errors import ApiError, error_response
+from .model import active_model
+from .payloads import v2_binary_framing_error
+from .security import RateLimiter, caller_identity, presented_key
+
+log = logging.getLogger("predictor")
+
+# Calls that need a key (when keys are configured), are rate-limited and count in api_*, by the
+# endpoint label they are counted under (the route template, so paths cannot explode the label set).
+_PREDICTION_PATHS = (
+    (re.compile(r"^/classify/(image|batch)$"), None),
+    (re.compile(r"^/v1/models/[^/]+:predict$"), "/v1/models/{model_name}:predict"),
+    (re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/infer$"), "/v2/models/{model_name}/infer"),
+)
+
+
+# Readiness answers 503 while draining, so Kubernetes stops routing here.
+_READINESS_PATH = re.compile(r"^/health$|^/v2/health/ready$|^/v2/models/[^/]+(?:/versions/[^/]+)?/ready$|^/v1/models/[^/:]+$")
+
+
+def prediction_endpoint(path: str) -> str | None:
+    """The endpoint label of a prediction path, or None for every other path."""
+    for pattern, template in _PREDICTION_PATHS:
+        if pattern.match(path):
+            return template or path
+    return None
+
+
+class Drain:
+    """Shutdown state: once draining, readiness and new prediction calls get 503 while admitted ones finish.
+
+    The model itself stays ready: admitted calls (v1/v2 included, which KServe checks against the
+    model's readiness) must complete. Liveness stays 200 so the kubelet does not kill the drain.
+    """
+
+    draining = False
+    in_flight = 0
+
+    @classmethod
+    def begin(cls) -> None:
+        if cls.draining:
+            return
+        cls.draining = True
+        log.info("SIGTERM: draining; readiness is now 503, %d admitted request(s) in flight", cls.in_flight)
+
+    @classmethod
+    def chain_signal_handler(cls) -> None:
+        """Run `begin` first on SIGTERM, then whatever handler the server installed (uvicorn's graceful exit)."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):
+            cls.begin()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+class RequestGuard:
+    """Pure-ASGI middleware applying the checks above to the prediction routes."""
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+        self._limiter: RateLimiter | None = None
+
+    def _rate_limiter(self, per_minute: int) -> RateLimiter:
+        if self._limiter is None or self._limiter.capacity != per_minute:
+            self._limiter = RateLimiter(per_minute)
+        return self._limiter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (model := active_model()) is None:
+            return await self.app(scope, receive, send)
+        settings = model.settings
+        if Drain.draining and _READINESS_PATH.match(scope["path"]):
+            return await error_response(503, "shutting_down", "This replica is shutting down.")(scope, receive, send)
+        if scope["path"].startswith("/v2/repository/"):
+            # KServe's multi-model repository API (load/unload): unauthenticated, and an unload takes
+            # this single-model server out of service. Not served.
+            return await error_response(404, "not_found", "The model repository API is not served by this predictor.")(
+                scope, receive, send)
+        endpoint = prediction_endpoint(scope["path"])
+        started = time.perf_counter()
+        status = {"code": 500, "started": False}
+        extra_headers: list[tuple[bytes, bytes]] = []
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+                if extra_headers:
+                    message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope, settings, extra_headers) if endpoint else None
+            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                receive, refusal = await self._limit_body(scope, receive, settings.max_body_bytes)
+            if refusal is not None:
+                await refusal(scope, receive, send_and_record)
+            elif endpoint is None:
+                await self.app(scope, receive, send_and_record)
+            else:
+                await self._admitted(scope, receive, send_and_record, status, settings.request_timeout_s)
+        finally:
+            if endpoint is not None:
+                metrics.REQUESTS.labels(endpoint, "success" if status["code"] < 400 else "error", str(status["code"])).inc()
+                metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _admitted(self, scope, receive, send, status: dict, timeout_s: float) -> None:
+        """Run an admitted prediction call to completion, or answer 504 once its deadline passes."""
+        Drain.in_flight += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.app(scope, receive, send)
+        except TimeoutError:
+            if status["started"]:
+                raise
+            await error_response(504, "deadline_exceeded", f"The request did not complete within {timeout_s:g} s.")(
+                scope, receive, send)
+        finally:
+            Drain.in_flight -= 1
+
+    def _refusal(self, scope, settings, extra_headers: list) -> object | None:
+        """A response for a call that must not proceed (draining, no key, over its rate), else None."""
+        if Drain.draining:
+            return error_response(503, "shutting_down", "This replica is shutting down; retry on another.",
+                                  {"Retry-After": "1", "Connection": "close"})
+        headers = dict(scope["headers"])
+        key = presented_key(headers)
+        if settings.api_keys.enabled and not settings.api_keys.accepts(key):
+            message = "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+            return error_response(401, "unauthorized", message if key is None else "The API key is not valid.",
+                                  {"WWW-Authenticate": "Bearer"})
+        if settings.rate_limit_per_minute > 0:
+            identity = caller_identity(scope, headers, key if settings.api_keys.enabled else None,
+                                       settings.trust_forwarded_for)
+            decision = self._rate_limiter(settings.rate_limit_per_minute).check(identity)
+            extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
+                                 if k != "Retry-After")
+            if not decision.allowed:
+                return error_response(429, "rate_limited",
+                                      f"More than {decision.limit} requests per minute; retry in {decision.retry_after_s} s.",
+                                      {"Retry-After": str(decision.retry_after_s)})
+        return None
+
+    async def _limit_body(self, scope, receive, limit: int):
+        """(receive for the app, refusal or None): 413 for a declared or streamed body over the limit."""
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return receive, error_response(
+                413, "payload_too_large", f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes.")
+        receive = self._counting(receive, limit)
+        if dict(scope["headers"]).get(b"inference-header-content-length") is not None:
+            return await self._screen_v2_binary(scope, receive)
+        return receive, None
+
+    @staticmethod
+    def _counting(receive, limit: int):
+        """A receive that stops a body (e.g. chunked, without Content-Length) once it passes the limit."""
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, "payload_too_large", f"Request body exceeds the limit of {limit} bytes.")
+            return message
+
+        return counted
+
+    @staticmethod
+    async def _screen_v2_binary(scope, receive):
+        """Read the (already size-limited) body of a v2 binary-data call and check its framing first.
+
+        KServe 0.21 answers inconsistent framing with a 500 and garbles BYTES sent this way, so both
+        are refused here with a 400. Returns (receive replaying the body for the app, refusal or None).
+        """
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+
+        async def replay():
+            nonlocal body
+            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            return message
+
+        problem = v2_binary_framing_error(dict(scope["headers"])[b"inference-header-content-length"], body)
+        return replay, (None if problem is None else error_response(problem.status, problem.code, problem.message))

@@ -1,0 +1,248 @@
+"""API keys, rate limits, load shedding, deadlines and graceful drain, on real server processes."""
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from .conftest import MODEL_NAME, ROOT, Server
+
+KEYS = ("alpha-key-0123456789", "beta-key-9876543210", "gamma-key-from-file")
+
+
+def upload(client: httpx.Client, image: bytes, path: str = "/classify/image", **headers) -> httpx.Response:
+    return client.post(path, files={"file": ("cat.jpg", image, "image/jpeg")}, headers=headers)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def image(cifar_jpegs) -> bytes:
+    return next(iter(cifar_jpegs.values()))
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    """Keys from env API_KEYS and from a mounted-Secret-style file; 5 calls/min per key; 2 s deadline."""
+    keys_file = tmp_path_factory.mktemp("secret") / "keys"
+    keys_file.write_text(f"# one key per line\n{KEYS[2]}\n")
+    srv = Server("--api_keys_file", str(keys_file), "--rate_limit_per_minute", "5", "--request_timeout_s", "2",
+                 env={"API_KEYS": f"{KEYS[0]}, {KEYS[1]}"})
+    yield srv
+    srv.stop()
+
+
+# -- API keys ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/classify/image", "/classify/batch"])
+def test_prediction_without_a_key_is_401(keyed_server, image, path):
+    response = keyed_server.client.post(path, files={"file" if path.endswith("image") else "files": ("a.jpg", image)})
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("headers", [{"Authorization": "Bearer wrong"}, {"X-API-Key": KEYS[0][:-1]},
+                                     {"Authorization": KEYS[0]}, {"Authorization": f"Basic {KEYS[0]}"}],
+                         ids=["wrong-bearer", "truncated-key", "no-scheme", "basic-scheme"])
+def test_wrong_keys_are_401(keyed_server, image, headers):
+    assert_error(upload(keyed_server.client, image, **headers), 401, "unauthorized")
+
+
+def test_v1_and_v2_need_the_key_too(keyed_server):
+    v1 = keyed_server.client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": []})
+    v2 = keyed_server.client.post(f"/v2/models/{MODEL_NAME}/infer", json={"inputs": []})
+    assert_error(v1, 401, "unauthorized")
+    assert_error(v2, 401, "unauthorized")
+
+
+def test_right_keys_from_env_and_file_are_accepted(keyed_server, image):
+    by_bearer = upload(keyed_server.client, image, Authorization=f"Bearer {KEYS[1]}")
+    by_header = upload(keyed_server.client, image, **{"X-API-Key": KEYS[2]})
+    assert by_bearer.status_code == 200, by_bearer.text
+    assert by_header.status_code == 200, by_header.text
+    assert by_bearer.json()["predicted_class"] == by_header.json()["predicted_class"]
+
+
+def test_probes_metrics_and_docs_stay_open(keyed_server):
+    for path in ("/health", f"/v2/health/ready", f"/v2/models/{MODEL_NAME}/ready", "/metrics", "/docs"):
+        assert keyed_server.client.get(path).status_code == 200, path
+
+
+def test_keys_never_reach_the_log(keyed_server, image):
+    upload(keyed_server.client, image, Authorization=f"Bearer {KEYS[0]}")
+    upload(keyed_server.client, image, Authorization="Bearer not-a-key-but-secret-looking")
+    log = keyed_server.log()
+    assert all(key not in log for key in (*KEYS, "not-a-key-but-secret-looking"))
+    assert "API keys: 3 configured" in log
+
+
+# -- rate limit (per key when keys are on) -------------------------------------------------------
+def test_rate_limit_is_per_key(keyed_server, image):
+    key = {"X-API-Key": KEYS[0]}
+    statuses = [upload(keyed_server.client, image, **key).status_code for _ in range(8)]
+    # test_right_keys... and test_keys_never... may have spent up to 2 of KEYS[0]'s 5 tokens.
+    assert statuses.count(200) in (3, 4, 5) and set(statuses[statuses.count(200):]) == {429}, statuses
+    limited = upload(keyed_server.client, image, **key)
+    assert_error(limited, 429, "rate_limited")
+    assert int(limited.headers["retry-after"]) >= 1
+    assert limited.headers["x-ratelimit-limit"] == "5" and limited.headers["x-ratelimit-remaining"] == "0"
+    other_key = upload(keyed_server.client, image, Authorization=f"Bearer {KEYS[2]}")
+    assert other_key.status_code == 200 and other_key.headers["x-ratelimit-limit"] == "5"
+
+
+# -- deadline ------------------------------------------------------------------------------------
+def test_slow_upload_gets_504_at_the_deadline(keyed_server, image):
+    """A client that trickles its body is cut off with 504 instead of holding the connection forever."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n" + image + b"\r\n--b--\r\n")
+    head = (f"POST /classify/image HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS[1]}\r\nContent-Length: {len(body)}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n").encode()
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", keyed_server.port), timeout=20) as sock:
+        sock.sendall(head + body[:100])  # ... and the rest never comes
+        reply = sock.recv(65536).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 504"), reply
+    assert '"deadline_exceeded"' in reply
+    assert 1.9 < time.monotonic() - started < 15
+    assert keyed_server.client.get("/health").status_code == 200
+
+
+# -- rate limit (per address, default 100/min) ---------------------------------------------------
+def test_the_101st_call_in_a_minute_is_429(image):
+    """Default limit: 100 calls at once per client address, refilled at 100/min (exact bucket maths below)."""
+    srv = Server()  # defaults: no keys, 100 requests/minute per client address
+    try:
+        assert upload(srv.client, image).status_code == 200
+        started = time.monotonic()
+        # Calls count whatever they carry; bodiless ones (422) spend the bucket fast.
+        statuses = [srv.client.post("/classify/image").status_code for _ in range(99)]
+        refilled = int((time.monotonic() - started) * 100 / 60)  # tokens the bucket regained meanwhile
+        assert statuses == [422] * 99
+        more = [srv.client.post("/classify/image") for _ in range(refilled + 1)]
+        assert [r.status_code for r in more][-1] == 429, (refilled, [r.status_code for r in more])
+        limited = more[-1]
+        assert_error(limited, 429, "rate_limited")
+        assert limited.headers["x-ratelimit-limit"] == "100" and limited.headers["x-ratelimit-remaining"] == "0"
+        assert 1 <= int(limited.headers["retry-after"]) <= 2
+        assert srv.client.get("/health").status_code == 200  # probes are not rate-limited
+    finally:
+        srv.stop()
+
+
+# -- load shedding ---------------------------------------------------------------------------------
+def test_flood_of_a_tiny_queue_sheds_with_503_and_admitted_calls_succeed(image):
+    srv = Server("--max_queue_images", "4", "--max_batch_size", "4", "--rate_limit_per_minute", "0")
+    try:
+        files = [("files", (f"{i}.jpg", image, "image/jpeg")) for i in range(4)]
+
+        def call(_):
+            with httpx.Client(base_url=srv.url, timeout=60) as client:
+                return client.post("/classify/batch", files=files)
+
+        with concurrent.futures.ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(call, range(96)))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 503}, statuses
+        assert statuses.count(503) > 0 and statuses.count(200) > 0, statuses
+        for response in responses:
+            if response.status_code == 503:
+                assert_error(response, 503, "overloaded")
+                assert response.headers["retry-after"] == "1"
+            else:
+                assert len(response.json()["results"]) == 4
+        metrics = srv.client.get("/metrics").text
+        assert re.search(r"^predictor_shed_requests_total (\d+)", metrics, re.M).group(1) == str(statuses.count(503))
+        assert srv.client.get("/health").status_code == 200
+    finally:
+        srv.stop()
+
+
+# -- graceful drain ------------------------------------------------------------------------------
+def test_sigterm_during_load_completes_every_admitted_request(image):
+    srv = Server("--rate_limit_per_minute", "0", "--drain_timeout_s", "30")
+    files = [("files", (f"{i}.jpg", image, "image/jpeg")) for i in range(16)]  # 12 x 16 fit the 256-image queue
+
+    def call(_):
+        try:
+            with httpx.Client(base_url=srv.url, timeout=60) as client:
+                response = client.post("/classify/batch", files=files)
+        except httpx.TransportError as exc:  # connect refused once the listener is closed
+            return type(exc).__name__
+        return 200 if response.status_code == 200 else f"{response.status_code} {response.json()['error']['code']}"
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        first_wave = [pool.submit(call, i) for i in range(12)]
+        time.sleep(1.0)  # the first wave is in the queue by now (a 32-image batch takes > 0.1 s)
+        srv.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        late = [pool.submit(call, i) for i in range(4)]
+        outcomes = [f.result() for f in first_wave]
+        late_outcomes = [f.result() for f in late]
+    srv.process.wait(40)
+    exit_seconds = time.monotonic() - signalled
+    log = srv.log()
+    srv.stop()
+    admitted = int(re.search(r"draining; readiness is now 503, (\d+) admitted", log).group(1))
+    assert admitted >= 1, log
+    assert outcomes.count(200) >= admitted, outcomes
+    assert set(outcomes) <= {200, "503 shutting_down", "ConnectError"}, outcomes  # refused cleanly, never lost
+    assert set(late_outcomes) <= {"503 shutting_down", "ConnectError"}, late_outcomes
+    assert "drained: 0 admitted request(s) still in flight" in log
+    assert srv.process.returncode == 0 and exit_seconds < 30, (srv.process.returncode, exit_seconds)
+
+
+# -- refused configurations -------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--enable_grpc", "true"], "API keys protect the HTTP API only"),
+    (["--api_keys_file", "/nonexistent/keys"], "cannot read /nonexistent/keys"),
+], ids=["keys-with-grpc", "unreadable-keys-file"])
+def test_unsafe_auth_configurations_refuse_to_start(args, message):
+    result = subprocess.run([sys.executable, "-m", "predictor", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "API_KEYS": KEYS[0]})
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+# -- the limiter and key check themselves, on a controlled clock -----------------------------------
+def test_token_bucket_allows_100_then_refills_at_100_per_minute():
+    from predictor.security import RateLimiter
+
+    now = [1000.0]
+    limiter = RateLimiter(100, clock=lambda: now[0])
+    assert all(limiter.check("a").allowed for _ in range(100))
+    refused = limiter.check("a")
+    assert not refused.allowed and refused.retry_after_s == 1 and refused.reset_s == 60
+    assert limiter.check("b").allowed  # callers do not share buckets
+    now[0] += 0.6  # 100/min is one token every 0.6 s
+    assert limiter.check("a").allowed and not limiter.check("a").allowed
+    now[0] += 60
+    assert sum(limiter.check("a").allowed for _ in range(150)) == 100
+
+
+def test_limiter_forgets_the_least_recent_callers_beyond_its_bound():
+    from predictor.security import RateLimiter
+
+    limiter = RateLimiter(1, max_callers=3, clock=lambda: 0.0)
+    for caller in "abcd":
+        assert limiter.check(caller).allowed
+    assert not limiter.check("d").allowed and len(limiter._buckets) == 3
+
+
+def test_api_keys_from_string_and_file(tmp_path):
+    from predictor.security import ApiKeys
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# comment\n\n  file-key  \n")
+    keys = ApiKeys.load(" one, ,two ", keys_file)
+    assert len(keys) == 3 and keys.accepts("two") and keys.accepts("file-key")
+    assert not keys.accepts("# comment") and not keys.accepts("") and not keys.accepts(None) and not keys.accepts("tw")
+    assert not ApiKeys.load("").enabled
