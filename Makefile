@@ -6,7 +6,7 @@ PORT ?= 8080
 DATA ?= ../shared/data/cifar10-train-jpeg.tar.gz
 DATA_DIR ?= .cache/cifar10
 
-.PHONY: install run test train evaluate data bench
+.PHONY: install run test train evaluate data bench soak
 
 include deploy.mk
 
@@ -32,9 +32,11 @@ $(DATA_DIR)/train: $(DATA)
 
 data: $(DATA_DIR)/train
 
-# Full training run (hours on a 2-core CPU; minutes on a GPU). Writes predictor/weights/.
+# Full training run (hours on a 2-core CPU; minutes on a GPU). Writes predictor/weights/, then the
+# int8 calibration set (training-split images) next to them.
 train: install data
 	$(PY) -m predictor.train --data $(DATA_DIR)/train --epochs 15
+	$(PY) -m predictor.quantize --data $(DATA_DIR)/train
 
 evaluate: install data
 	$(PY) -m predictor.evaluate --data $(DATA_DIR)/train
@@ -42,3 +44,7 @@ evaluate: install data
 # Throughput/latency of the predictor vs the seed-style baseline and the model alone (run on a quiet machine).
 bench: install
 	$(PY) bench/run.py
+
+# 10 minutes at 80 % of saturation: RSS growth and error count (not in CI).
+soak: install
+	$(PY) bench/soak.py

@@ -1,7 +1,8 @@
 """Closed-loop HTTP load: C concurrent clients upload real CIFAR-10 JPEGs for a fixed time.
 
-Each client posts multipart `file` uploads back to back over a keep-alive connection; latencies are
-per request. The generator reports its own CPU time so it can be shown not to be the bottleneck.
+Each client posts multipart `file` uploads back to back over a keep-alive connection; throughput
+and latencies count the successful (200) requests, and 503s (load shedding) are counted apart.
+The generator reports its own CPU time so it can be shown not to be the bottleneck.
 """
 
 import asyncio
@@ -19,7 +20,8 @@ class LoadResult:
     concurrency: int
     seconds: float
     requests: int
-    errors: int
+    errors: int  # anything but 200 or 503, and transport failures (timeouts included)
+    shed: int  # 503 answers: refused at once by a full queue (load shedding), not lost
     throughput: float
     p50_ms: float
     p95_ms: float
@@ -34,7 +36,7 @@ def _cpu_seconds() -> float:
 
 async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float) -> LoadResult:
     latencies: list[float] = []
-    errors = 0
+    errors = shed = 0
     counter = itertools.count()
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -44,19 +46,21 @@ async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, 
         stop_at = measure_from + seconds
 
         async def client() -> None:
-            nonlocal errors
+            nonlocal errors, shed
             while (now := time.perf_counter()) < stop_at:
                 form = aiohttp.FormData()
                 form.add_field("file", images[next(counter) % len(images)], filename="image.jpg", content_type="image/jpeg")
                 try:
                     async with session.post(url, data=form) as response:
                         await response.read()
-                        ok = response.status == 200
+                        status = response.status
                 except (aiohttp.ClientError, asyncio.TimeoutError):
-                    ok = False
+                    status = 0
                 if now >= measure_from:
-                    latencies.append(time.perf_counter() - now)
-                    errors += not ok
+                    if status == 200:
+                        latencies.append(time.perf_counter() - now)
+                    shed += status == 503
+                    errors += status not in (200, 503)
 
         cpu_before = _cpu_seconds()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -64,7 +68,7 @@ async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, 
         cpu = _cpu_seconds() - cpu_before
     values = np.array(latencies) * 1000
     return LoadResult(
-        concurrency=concurrency, seconds=seconds, requests=len(latencies), errors=errors,
+        concurrency=concurrency, seconds=seconds, requests=len(latencies), errors=errors, shed=shed,
         throughput=round(len(latencies) / seconds, 1),
         p50_ms=round(float(np.percentile(values, 50)), 1) if len(values) else float("nan"),
         p95_ms=round(float(np.percentile(values, 95)), 1) if len(values) else float("nan"),

@@ -1,10 +1,12 @@
 """`make bench`: the predictor vs the seed-style baseline, and the model alone, in one run.
 
-    python bench/run.py --seconds 15 --concurrency 1 8 32 64
+    python bench/run.py --seconds 15 --concurrency 1 8 32 64 256
 
 Both servers run at once (an idle one costs nothing); each concurrency level is measured on the
-predictor and then on the baseline, so drift of the machine hits both alike. Writes
-bench/results/bench.json and bench/results/bench.png and prints a Markdown table.
+predictor (default settings: precision auto, compiled at load; rate limit off) and then on the
+baseline, so drift of the machine hits both alike. Then the model alone, per precision, at batch 1
+and at the served batch size. Writes bench/results/bench.json and bench/results/bench.png and
+prints Markdown tables.
 """
 
 import argparse
@@ -25,12 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
 from predictor.engine import InferenceEngine  # noqa: E402
+from predictor.quantize import calibration_images  # noqa: E402
 from predictor.weights import PACKAGED_DIR, load_model  # noqa: E402
 
 
 def start(command: list[str], health_url: str) -> subprocess.Popen:
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900  # compilation at load takes minutes on 2 cores
     while time.monotonic() < deadline:
         try:
             if httpx.get(health_url, timeout=2).status_code == 200:
@@ -44,18 +47,23 @@ def start(command: list[str], health_url: str) -> subprocess.Popen:
     raise SystemExit(f"{command} not ready")
 
 
-def model_only_throughput(batch: int, seconds: float) -> float:
-    """Images/s of the served engine alone (same device and precision), on full batches."""
-    network, _ = load_model(PACKAGED_DIR)
-    engine = InferenceEngine(network)
-    images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-    for _ in range(3):
-        engine.logits(images)
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        engine.logits(images)
-        done += batch
-    return done / (time.perf_counter() - started)
+def model_only(precision: str, compile: bool, batch: int, seconds: float) -> dict:
+    """The engine alone at one precision: batch-1 latency and full-batch images/s, plus its load time."""
+    network, card = load_model(PACKAGED_DIR)
+    calibration = calibration_images(PACKAGED_DIR, card) if precision == "int8" else None
+    engine = InferenceEngine(network, "cpu", precision, batch, calibration, compile)
+    row = {"precision": precision, "compiled": engine.compiled, "load_seconds": engine.startup_seconds}
+    for size, key in ((1, "batch1_ms"), (batch, f"batch{batch}_images_per_second")):
+        images = np.random.default_rng(0).integers(0, 256, (size, 32, 32, 3), dtype=np.uint8)
+        for _ in range(3):
+            engine.logits(images)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 2:
+            engine.logits(images)
+            done += 1
+        elapsed = time.perf_counter() - started
+        row[key] = round(elapsed / done * 1000, 2) if size == 1 else round(done * size / elapsed, 1)
+    return row
 
 
 def load_images(count: int) -> list[bytes]:
@@ -88,13 +96,17 @@ def chart(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 256])
+    parser.add_argument("--precisions", nargs="+", default=["fp32:eager", "fp32", "bf16", "int8"],
+                        help="model-only rows: PRECISION (compiled) or PRECISION:eager")
+    parser.add_argument("--server-args", nargs="*", default=[], help="extra predictor flags, e.g. --precision bf16")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
 
     predictor_port, baseline_port = 18180, 18190
     servers = {
-        "predictor": (start([sys.executable, "-m", "predictor", "--http_port", str(predictor_port), "--enable_grpc", "false"],
+        "predictor": (start([sys.executable, "-m", "predictor", "--http_port", str(predictor_port), "--enable_grpc", "false",
+                             "--rate_limit_per_minute", "0", *args.server_args],
                             f"http://127.0.0.1:{predictor_port}/health"), f"http://127.0.0.1:{predictor_port}/classify/image"),
         "seed-style baseline": (start([sys.executable, "bench/baseline_server.py", "--port", str(baseline_port)],
                                       f"http://127.0.0.1:{baseline_port}/health"), f"http://127.0.0.1:{baseline_port}/classify/image"),
@@ -109,23 +121,33 @@ def main() -> None:
                 result = run_load(url, images, concurrency, args.seconds)
                 results["servers"][name].append(asdict(result))
                 print(f"{name:>20} c={concurrency:<3} {result.throughput:7.1f} req/s  p50 {result.p50_ms:7.1f} ms  "
-                      f"p95 {result.p95_ms:7.1f}  p99 {result.p99_ms:7.1f}  errors {result.errors}  "
+                      f"p95 {result.p95_ms:7.1f}  p99 {result.p99_ms:7.1f}  errors {result.errors}  shed {result.shed}  "
                       f"client CPU {result.client_cpu_share:.2f} core", flush=True)
     finally:
         for process, _ in servers.values():
             process.terminate()
             process.wait(30)
-    results["model_only_images_per_second"] = round(model_only_throughput(32, args.seconds), 1)
+    results["model_only"] = [model_only(spec.split(":")[0], not spec.endswith(":eager"), 32, args.seconds)
+                             for spec in args.precisions]
+    served_row = next((r for r in results["model_only"] if r["precision"] == served["precision"]
+                       and r["compiled"] == served["compiled"]), None)
+    results["model_only_images_per_second"] = served_row["batch32_images_per_second"] if served_row else float("nan")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, args.out / "bench.png")
 
-    print(f"\nmodel only (batch 32, served precision): {results['model_only_images_per_second']} images/s\n")
-    print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model only | batch 1 ms | batch 32 img/s | load s |")
+    print("|---|---|---|---|")
+    for r in results["model_only"]:
+        print(f"| {r['precision']}{' compiled' if r['compiled'] else ' eager'} | {r['batch1_ms']} | "
+              f"{r['batch32_images_per_second']} | {r['load_seconds']} |")
+    print(f"\npredictor serves {results['predictor_serves']}\n")
+    print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | shed (503) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, rows in results["servers"].items():
         for r in rows:
-            print(f"| {name} | {r['concurrency']} | {r['throughput']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['errors']} |")
+            print(f"| {name} | {r['concurrency']} | {r['throughput']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
+                  f"{r['errors']} | {r['shed']} |")
 
 
 if __name__ == "__main__":

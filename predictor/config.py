@@ -49,6 +49,8 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="intra-op threads for the forward pass; 0 keeps torch's default (one per core) [env TORCH_THREADS]")
     add("--precision", default=_env("PRECISION", "auto"), choices=["auto", "fp32", "bf16", "int8", "fp16"],
         help="numeric precision of the forward pass; auto picks the fastest that keeps accuracy on this device [env PRECISION]")
+    add("--compile", type=_boolean, default=_env("COMPILE", True, _boolean),
+        help="torch.compile the forward pass at load (slower start, faster serving; int8 always compiles) [env COMPILE]")
     add("--max_queue_images", type=int, default=_env("MAX_QUEUE_IMAGES", 256, int),
         help="images waiting for a forward pass before new requests get 503 + Retry-After [env MAX_QUEUE_IMAGES]")
     add("--request_timeout_s", type=float, default=_env("REQUEST_TIMEOUT_S", 30.0, float),
@@ -100,5 +102,5 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_queue_images=args.max_queue_images, request_timeout_s=args.request_timeout_s,
         drain_timeout_s=args.drain_timeout_s, api_keys=load_api_keys(args),
         rate_limit_per_minute=args.rate_limit_per_minute, trust_forwarded_for=args.trust_forwarded_for,
-        precision=args.precision,
+        precision=args.precision, compile=args.compile,
     )

@@ -1,48 +1,151 @@
-"""The forward pass: uint8 images in, fp32 logits out, on the best device available."""
+"""The forward pass: uint8 images in, fp32 logits out, at the precision chosen for this device.
 
+Precisions (`--precision`): CPU fp32 | bf16 | int8, CUDA fp16 | bf16 | fp32. `auto` takes the fastest
+this device runs well: on CUDA fp16; on CPU int8 where the CPU has VNNI/AMX int8 instructions and
+the calibration images are shipped, else bf16 where it has native bf16, else fp32. Every shipped
+precision keeps validation accuracy within 0.3 points of fp32 (README, `predictor.evaluate --precision`).
+Compiled paths are compiled and warmed up at load, before the server reports ready.
+"""
+
+import copy
 import logging
 import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from .network import normalize
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("predictor")
+CPU_PRECISIONS = ("fp32", "bf16", "int8")
+CUDA_PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+def cpu_has(feature: str) -> bool:
+    """Whether /proc/cpuinfo lists a CPU flag (Linux; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and feature in line.split() for line in fh)
+    except OSError:
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device, int8_ready: bool) -> str:
+    if device.type == "cuda":
+        choice = "fp16" if requested == "auto" else requested
+        allowed = CUDA_PRECISIONS
+    else:
+        if requested != "auto":
+            choice = requested
+        elif int8_ready and (cpu_has("avx512_vnni") or cpu_has("amx_int8")):
+            choice = "int8"
+        elif torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            choice = "bf16"
+        else:
+            choice = "fp32"
+        allowed = CPU_PRECISIONS
+    if choice not in allowed:
+        raise ValueError(f"precision {choice} is not available on {device.type} (choose from {', '.join(allowed)})")
+    return choice
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Powers of two up to max_batch_size (and it): the batch sizes CUDA graphs are recorded for."""
+    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    return sizes + [max_batch_size]
 
 
 class InferenceEngine:
     """Owns the network on its device. `logits` is blocking: call it from the batcher's worker thread."""
 
-    def __init__(self, model: torch.nn.Module, device: str = "auto"):
+    def __init__(self, model: torch.nn.Module, device: str = "auto", precision: str = "auto",
+                 max_batch_size: int = 32, calibration: np.ndarray | None = None, compile: bool = True):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        # fp16 on CUDA halves memory traffic; CIFAR ResNet18 keeps its accuracy in fp16.
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.model = model.eval().to(self.device, self.dtype).to(memory_format=torch.channels_last)
+        self.precision = resolve_precision(precision, self.device, calibration is not None)
+        self.max_batch_size = max_batch_size
+        self.compiled = compile
+        # CUDA graphs replay fixed shapes: batches are padded up to the next bucket there.
+        self.buckets = batch_buckets(max_batch_size) if self.device.type == "cuda" and compile else []
+        started = time.perf_counter()
+        self._sources = {"model": model, "calibration": calibration}
+        self._forward = self._build(copy.deepcopy(model).eval(), calibration, compile)
         self._lock = threading.Lock()  # one forward pass at a time, whatever thread calls
+        for size in self.buckets or sorted({1, max_batch_size}):  # compile (and record graphs) now, not on a request
+            self.logits(np.zeros((size, 32, 32, 3), np.uint8))
+        self.startup_seconds = round(time.perf_counter() - started, 1)
+
+    def _build(self, model: torch.nn.Module, calibration: np.ndarray | None,
+               compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        model = model.to(self.device).to(memory_format=torch.channels_last)
+        if self.precision == "int8":
+            if calibration is None:
+                raise ValueError("int8 needs the calibration images shipped with the weights")
+            from .quantize import quantize_int8
+
+            model = quantize_int8(model, calibration, self.max_batch_size)
+            compile = True  # the quantized graph is only fast once inductor fuses it
+        input_dtype = torch.float32
+        autocast = nullcontext
+        if self.device.type == "cuda" and self.precision in ("fp16", "bf16"):
+            input_dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            model = model.to(input_dtype)
+        elif self.device.type == "cpu" and self.precision == "bf16":
+            def autocast():
+                return torch.autocast("cpu", dtype=torch.bfloat16)
+        if compile:
+            # Freezing folds the weights into the graph as constants: conv+bn+relu fuse, and int8
+            # weights are pre-packed once (4x faster int8 on this code path).
+            torch._inductor.config.freezing = True
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
+            model = torch.compile(model, mode=mode, dynamic=self.device.type == "cpu")
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return model(normalize(batch).to(input_dtype))
+
+        return forward
 
     @property
     def description(self) -> str:
-        return f"{self.device.type} {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.device.type} {self.precision}{' compiled' if self.compiled else ''}"
 
     @torch.inference_mode()
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """[N, 32, 32, 3] uint8 -> [N, 10] float32 logits."""
+        """[N, 32, 32, 3] uint8 -> [N, 10] float32 logits (N may exceed max_batch_size: done in chunks)."""
+        with self._lock:
+            return np.concatenate([self._run(images[i:i + self.max_batch_size])
+                                   for i in range(0, len(images), self.max_batch_size)])
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        count = len(images)
+        bucket = next((b for b in self.buckets if b >= count), count)
         batch = torch.from_numpy(images)
+        if bucket > count:
+            batch = torch.cat([batch, batch.new_zeros((bucket - count, *batch.shape[1:]))])
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        with self._lock:
-            out = self.model(normalize(batch).to(self.dtype))
-            return out.float().cpu().numpy()
+        try:
+            return self._forward(batch)[:count].float().cpu().numpy()
+        except torch.OutOfMemoryError:
+            if count == 1:
+                raise
+            # A batch that does not fit in memory is retried as two halves instead of failing.
+            log.warning("out of memory at batch %d; retrying as two halves", count)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return np.concatenate([self._run(images[:count // 2]), self._run(images[count // 2:])])
 
     def __getstate__(self) -> dict:
-        # KServe pickles the model into each worker process when --workers > 1; locks don't pickle.
-        state = self.__dict__.copy()
-        del state["_lock"]
-        return state
+        # KServe pickles the model into each worker process when --workers > 1: compiled graphs and
+        # locks don't pickle, so the worker rebuilds (and recompiles) from the fp32 network.
+        return {key: self._sources[key] for key in ("model", "calibration")} | {
+            "device": str(self.device), "precision": self.precision, "max_batch_size": self.max_batch_size,
+            "compile": self.compiled}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self.__init__(**state)

@@ -1,6 +1,7 @@
 """Measure the served pipeline on the held-out validation split: accuracy, per-class accuracy, ECE.
 
-    python -m predictor.evaluate --data /tmp/cifar10/train                  # in-process, shipped weights
+    python -m predictor.evaluate --data /tmp/cifar10/train                  # in-process, shipped weights, fp32
+    python -m predictor.evaluate --data /tmp/cifar10/train --precision int8 # ... as the int8 path serves them
     python -m predictor.evaluate --data /tmp/cifar10/train --url http://host:8080   # a running server
 
 Both modes send the JPEG files through exactly what serving runs (the same Cifar10Classifier
@@ -36,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the model card's held-out split, or every image under --data")
     p.add_argument("--url", help="evaluate a running server (its /classify/batch) instead of in-process")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8", "fp16"],
+                   help="in-process precision to measure (each served precision must stay within 0.3 points of fp32)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the forward pass as serving does")
     p.add_argument("--out", type=Path, default=Path("reports"), help="where metrics JSON and the confusion-matrix PNG go")
     return p.parse_args(argv)
 
@@ -55,8 +60,9 @@ def chunks(files: list[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
         yield files[start:start + CHUNK]
 
 
-async def classify_in_process(files: list[tuple[str, int]], model_dir: Path, device: str) -> list[dict]:
-    model = Cifar10Classifier("evaluate", Settings(model_dir=model_dir, device=device, max_batch_size=CHUNK))
+async def classify_in_process(files: list[tuple[str, int]], args: argparse.Namespace) -> list[dict]:
+    model = Cifar10Classifier("evaluate", Settings(model_dir=args.model_dir, device=args.device, max_batch_size=CHUNK,
+                                                   max_queue_images=CHUNK, precision=args.precision, compile=args.compile))
     model.load()
     results = []
     for chunk in chunks(files):
@@ -104,11 +110,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.url:
         results = classify_over_http(files, args.url)
     else:
-        results = asyncio.run(classify_in_process(files, args.model_dir, args.device))
+        results = asyncio.run(classify_in_process(files, args))
     labels = np.array([label for _, label in files])
     summary = summarize(results, labels)
     predicted = summary.pop("predicted")
-    summary["source"] = args.url or f"in-process, {args.model_dir}"
+    summary["source"] = args.url or f"in-process, {args.model_dir}, precision {args.precision}"
     args.out.mkdir(parents=True, exist_ok=True)
     from . import reports
     reports.confusion_matrix(predicted, labels, args.out / "confusion_matrix.png")

@@ -18,7 +18,8 @@ from .errors import ApiError
 from .imaging import decode_image
 from .network import CLASSES, IMAGE_SIZE, build_resnet18
 from .security import ApiKeys
-from .weights import load_model
+from .quantize import calibration_images
+from .weights import WeightsError, load_model
 
 log = logging.getLogger("predictor")
 _active: "Cifar10Classifier | None" = None
@@ -49,6 +50,7 @@ class Settings:
     rate_limit_per_minute: int = 100
     trust_forwarded_for: bool = False
     precision: str = "auto"
+    compile: bool = True
 
 
 @dataclass
@@ -94,15 +96,28 @@ class Cifar10Classifier(kserve.Model):
             network, self.card = load_model(self.settings.model_dir)
             self.version = self.card.get("weights_sha256", "")[:12]
         self.temperature = float(self.card.get("temperature", 1.0))
-        self.runner = InferenceEngine(network, self.settings.device)
+        self.runner = InferenceEngine(network, self.settings.device, self.settings.precision, self.settings.max_batch_size,
+                                      self._calibration_images(), self.settings.compile)
         self.batcher = DynamicBatcher(self.runner.logits, self.settings.max_batch_size, self.settings.max_batch_delay_ms,
                                      self.settings.max_queue_images)
-        self.runner.logits(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # warm-up; raises if broken
+        self.runner.logits(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # proves the pass; raises if broken
         self.forward_ok = True
         self.ready = True
         _active = self
-        log.info("loaded %s (version %s) on %s, temperature %.3f", self.name, self.version, self.runner.description, self.temperature)
+        log.info("loaded %s (version %s) on %s in %.1f s (precision asked: %s), temperature %.3f", self.name, self.version,
+                 self.runner.description, self.runner.startup_seconds, self.settings.precision, self.temperature)
         return self.ready
+
+    def _calibration_images(self) -> np.ndarray | None:
+        """The int8 calibration set when int8 may be used (asked for, or auto) and it ships; else None."""
+        if self.settings.precision not in ("int8", "auto") or self.settings.random_weights:
+            return None
+        try:
+            return calibration_images(self.settings.model_dir, self.card)
+        except WeightsError:
+            if self.settings.precision == "int8":
+                raise
+            return None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -189,8 +204,11 @@ class Cifar10Classifier(kserve.Model):
 
     @property
     def metadata(self) -> dict:
+        runner = self.runner
         return {"name": self.name, "version": self.version, "classes": list(CLASSES),
-                "device": self.runner.description if self.runner else None,
+                "device": runner.device.type if runner else None, "precision": runner.precision if runner else None,
+                "compiled": runner.compiled if runner else None,
+                "load_seconds": runner.startup_seconds if runner else None,
                 "temperature": self.temperature, "max_batch_size": self.settings.max_batch_size}
 
 

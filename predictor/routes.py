@@ -60,6 +60,19 @@ async def classify_batch(request: Request, files: list[UploadFile] = File(..., d
     return {"results": results, "timestamp": timestamp(), "model_version": model.version}
 
 
+@app.get("/v2/models/{model_name}", tags=["V2"], summary="Model metadata (v2), with how it is being served")
+async def v2_model_metadata(model_name: str, model_version: str | None = None):
+    """KServe's v2 metadata, plus `versions` (the weights' sha256 prefix) and `parameters`: device,
+    precision, compilation and load time, so an operator can see what a replica actually runs."""
+    model = active_model()
+    if model is None or model.name != model_name:
+        raise ApiError(404, "model_not_found", f"Model with name {model_name} does not exist.")
+    if model_version:
+        raise ApiError(404, "not_supported", "Model versioning not supported yet.")
+    return {"name": model.name, "versions": [model.version], "platform": "pytorch",
+            "inputs": model.get_input_types(), "outputs": model.get_output_types(), "parameters": model.metadata}
+
+
 @app.get("/health", tags=["health"], summary="Model loaded and a forward pass succeeded")
 async def health():
     model = active_model()

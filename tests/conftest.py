@@ -24,10 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Servers start in seconds on the eager fp32 path unless a test asks for a precision; the compiled
+# bf16/int8 paths (minutes of compilation on 2 cores) have their own tests in test_fastpath.py.
+EAGER_FP32 = ("--precision", "fp32", "--compile", "false")
+
+
 class Server:
     """A running `python -m predictor` process and an HTTP client bound to it."""
 
     def __init__(self, *args: str, env: dict | None = None, timeout: float = 180):
+        if "--precision" not in args:
+            args = (*EAGER_FP32, *args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"predictor-test-{self.port}.log"

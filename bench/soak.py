@@ -1,0 +1,104 @@
+"""`make soak` (not in CI): 10 minutes at 80 % of saturation; reports RSS growth and errors.
+
+    python bench/soak.py --minutes 10 --fraction 0.8
+
+Finds the saturation throughput with a short closed-loop run at 64 clients, then holds an open-loop
+arrival rate of `fraction` x that for `minutes`, sampling the server's resident memory every 10 s.
+"""
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import run_load  # noqa: E402
+from bench.run import load_images, start  # noqa: E402
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def open_loop(url: str, images: list[bytes], rate: float, seconds: float, pid: int) -> dict:
+    """Requests started at `rate` per second whatever the answers do; RSS sampled every 10 s."""
+    statuses: dict[str, int] = {}
+    latencies: list[float] = []
+    rss: list[tuple[float, float]] = []
+    counter = itertools.count()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),
+                                     connector=aiohttp.TCPConnector(limit=512)) as session:
+        async def one() -> None:
+            form = aiohttp.FormData()
+            form.add_field("file", images[next(counter) % len(images)], filename="image.jpg", content_type="image/jpeg")
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=form) as response:
+                    await response.read()
+                    key = str(response.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                key = type(exc).__name__
+            statuses[key] = statuses.get(key, 0) + 1
+            if key == "200":
+                latencies.append(time.perf_counter() - started)
+
+        begin = time.perf_counter()
+        tasks, next_sample = [], begin
+        for i in itertools.count():
+            due = begin + i / rate
+            if due - begin >= seconds:
+                break
+            if time.perf_counter() >= next_sample:
+                rss.append((round(time.perf_counter() - begin, 1), round(rss_mib(pid), 1)))
+                next_sample += 10
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        rss.append((round(time.perf_counter() - begin, 1), round(rss_mib(pid), 1)))
+    values = np.array(latencies) * 1000
+    return {"rate": round(rate, 1), "seconds": seconds, "statuses": statuses,
+            "p50_ms": round(float(np.percentile(values, 50)), 1), "p99_ms": round(float(np.percentile(values, 99)), 1),
+            "rss_mib_samples": rss, "rss_growth_mib": round(rss[-1][1] - rss[0][1], 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--fraction", type=float, default=0.8)
+    parser.add_argument("--server-args", nargs="*", default=[])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    args = parser.parse_args()
+    port = 18280
+    server = start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
+                    "--rate_limit_per_minute", "0", *args.server_args], f"http://127.0.0.1:{port}/health")
+    url = f"http://127.0.0.1:{port}/classify/image"
+    try:
+        images = load_images(20)
+        saturation = run_load(url, images, 64, 15).throughput
+        print(f"saturation at 64 clients: {saturation} req/s; soaking at {args.fraction:.0%} for {args.minutes} min", flush=True)
+        report = asyncio.run(open_loop(url, images, saturation * args.fraction, args.minutes * 60, server.pid))
+    finally:
+        server.terminate()
+        server.wait(60)
+    report["saturation_rps"] = saturation
+    errors = sum(n for status, n in report["statuses"].items() if status != "200")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "rss_mib_samples"}, indent=2))
+    print(f"errors (non-200): {errors}; RSS {report['rss_mib_samples'][0][1]} -> {report['rss_mib_samples'][-1][1]} MiB")
+    sys.exit(1 if errors else 0)
+
+
+if __name__ == "__main__":
+    main()
