@@ -52,9 +52,17 @@ def resolve_precision(requested: str, device: torch.device, int8_ready: bool) ->
     return choice
 
 
-def batch_buckets(max_batch_size: int) -> list[int]:
-    """Powers of two up to max_batch_size (and it): the batch sizes CUDA graphs are recorded for."""
-    sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+def batch_buckets(max_batch_size: int, device_type: str) -> list[int]:
+    """The batch sizes compiled graphs are built for; a batch is zero-padded up to the next one.
+
+    CUDA: powers of two (a CUDA graph per size is cheap). CPU: 1, 8 and the maximum, because every
+    inductor compilation costs tens of seconds on a small CPU and dynamic-shape graphs ran the int8
+    kernels ~100x slower; under load batches are full anyway, and a lone request is batch 1.
+    """
+    if device_type == "cuda":
+        sizes = [1 << i for i in range(max_batch_size.bit_length()) if 1 << i < max_batch_size]
+    else:
+        sizes = [size for size in (1, 8) if size < max_batch_size]
     return sizes + [max_batch_size]
 
 
@@ -69,8 +77,9 @@ class InferenceEngine:
         self.precision = resolve_precision(precision, self.device, calibration is not None)
         self.max_batch_size = max_batch_size
         self.compiled = compile
-        # CUDA graphs replay fixed shapes: batches are padded up to the next bucket there.
-        self.buckets = batch_buckets(max_batch_size) if self.device.type == "cuda" and compile else []
+        # Compiled graphs (and CUDA graphs) are specialised to their batch size: batches are padded
+        # up to the next bucket, and every bucket is compiled during load.
+        self.buckets = batch_buckets(max_batch_size, self.device.type) if compile or self.precision == "int8" else []
         started = time.perf_counter()
         self._sources = {"model": model, "calibration": calibration}
         self._forward = self._build(copy.deepcopy(model).eval(), calibration, compile)
@@ -102,7 +111,7 @@ class InferenceEngine:
             # weights are pre-packed once (4x faster int8 on this code path).
             torch._inductor.config.freezing = True
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
-            model = torch.compile(model, mode=mode, dynamic=self.device.type == "cpu")
+            model = torch.compile(model, mode=mode, dynamic=False)
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
             with autocast():
