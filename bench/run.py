@@ -47,13 +47,13 @@ def start(command: list[str], health_url: str) -> subprocess.Popen:
     raise SystemExit(f"{command} not ready")
 
 
-def model_only(precision: str, compile: bool, batch: int, seconds: float) -> dict:
+def model_only(precision: str, compile: bool, batch: int, seconds: float, device: str = "cpu") -> dict:
     """The engine alone at one precision: batch-1 latency and full-batch images/s, plus its load time."""
     network, card = load_model(PACKAGED_DIR)
     calibration = calibration_images(PACKAGED_DIR, card) if precision == "int8" else None
-    engine = InferenceEngine(network, "cpu", precision, batch, calibration, compile)
-    row = {"precision": precision, "compiled": engine.compiled, "load_seconds": engine.startup_seconds}
-    for size, key in ((1, "batch1_ms"), (batch, f"batch{batch}_images_per_second")):
+    engine = InferenceEngine(network, device, precision, batch, calibration, compile)
+    row = {"device": device, "precision": precision, "compiled": engine.compiled, "load_seconds": engine.startup_seconds}
+    for size, key in ((1, "batch1_ms"), (batch, "full_batch_images_per_second")):
         images = np.random.default_rng(0).integers(0, 256, (size, 32, 32, 3), dtype=np.uint8)
         for _ in range(3):
             engine.logits(images)
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 256])
     parser.add_argument("--precisions", nargs="+", default=["fp32:eager", "fp32", "bf16", "int8"],
                         help="model-only rows: PRECISION (compiled) or PRECISION:eager")
+    parser.add_argument("--device", default="cpu", help="device of the model-only rows (the server's: --server-args --device)")
+    parser.add_argument("--batch", type=int, default=32, help="full batch of the model-only rows (the server's max_batch_size)")
     parser.add_argument("--server-args", nargs="*", default=[], help="extra predictor flags, e.g. --precision bf16")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
@@ -127,20 +129,20 @@ def main() -> None:
         for process, _ in servers.values():
             process.terminate()
             process.wait(30)
-    results["model_only"] = [model_only(spec.split(":")[0], not spec.endswith(":eager"), 32, args.seconds)
+    results["model_only"] = [model_only(spec.split(":")[0], not spec.endswith(":eager"), args.batch, args.seconds, args.device)
                              for spec in args.precisions]
     served_row = next((r for r in results["model_only"] if r["precision"] == served["precision"]
                        and r["compiled"] == served["compiled"]), None)
-    results["model_only_images_per_second"] = served_row["batch32_images_per_second"] if served_row else float("nan")
+    results["model_only_images_per_second"] = served_row["full_batch_images_per_second"] if served_row else float("nan")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, args.out / "bench.png")
 
-    print("\n| model only | batch 1 ms | batch 32 img/s | load s |")
+    print(f"\n| model only ({args.device}) | batch 1 ms | batch {args.batch} img/s | load s |")
     print("|---|---|---|---|")
     for r in results["model_only"]:
         print(f"| {r['precision']}{' compiled' if r['compiled'] else ' eager'} | {r['batch1_ms']} | "
-              f"{r['batch32_images_per_second']} | {r['load_seconds']} |")
+              f"{r['full_batch_images_per_second']} | {r['load_seconds']} |")
     print(f"\npredictor serves {results['predictor_serves']}\n")
     print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | shed (503) |")
     print("|---|---|---|---|---|---|---|---|")
