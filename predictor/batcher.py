@@ -28,8 +28,9 @@ class DynamicBatcher:
     """Stacks concurrent requests into batches for `forward` ([N,32,32,3] uint8 -> [N,10])."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_ms: float,
-                 max_queue_images: int = 256):
+                 max_queue_images: int = 256, in_flight: Callable[[], int] | None = None):
         self.forward = forward
+        self.in_flight = in_flight  # calls admitted upstream (None: unknown, so always wait the delay)
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue_images = max_queue_images
@@ -83,7 +84,7 @@ class DynamicBatcher:
             await self._wait_for_arrival(None)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_delay
-        while self._queued_images < self.max_batch_size:
+        while self._queued_images < self.max_batch_size and self._others_coming():
             remaining = deadline - loop.time()
             if remaining <= 0 or not await self._wait_for_arrival(remaining):
                 break
@@ -100,6 +101,11 @@ class DynamicBatcher:
         self._queued_images -= size + dropped
         metrics.QUEUE_DEPTH.dec(size + dropped)
         return batch
+
+    def _others_coming(self) -> bool:
+        """Whether admitted calls are still on their way here (parsing, decoding): only then is the
+        delay worth waiting. A lone call (c=1) is run at once instead of waiting for company."""
+        return self.in_flight is None or self.in_flight() > len(self._pending)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,7 +133,7 @@ class DynamicBatcher:
     def __getstate__(self) -> dict:
         # Only the settings travel to worker processes; queue, task and thread are made there.
         return {"forward": self.forward, "max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay * 1000,
-                "max_queue_images": self.max_queue_images}
+                "max_queue_images": self.max_queue_images, "in_flight": self.in_flight}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

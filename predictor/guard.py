@@ -6,18 +6,15 @@ refuse while draining (503) -> authenticate (401) -> rate-limit (429) -> refuse 
 """
 
 import asyncio
-import logging
 import re
-import signal
 import time
 
 from . import metrics
+from .drain import Drain
 from .errors import ApiError, error_response
 from .model import active_model
 from .payloads import v2_binary_framing_error
 from .security import RateLimiter, caller_identity, presented_key
-
-log = logging.getLogger("predictor")
 
 # Calls that need a key (when keys are configured), are rate-limited and count in api_*, by the
 # endpoint label they are counted under (the route template, so paths cannot explode the label set).
@@ -38,36 +35,6 @@ def prediction_endpoint(path: str) -> str | None:
         if pattern.match(path):
             return template or path
     return None
-
-
-class Drain:
-    """Shutdown state: once draining, readiness and new prediction calls get 503 while admitted ones finish.
-
-    The model itself stays ready: admitted calls (v1/v2 included, which KServe checks against the
-    model's readiness) must complete. Liveness stays 200 so the kubelet does not kill the drain.
-    """
-
-    draining = False
-    in_flight = 0
-
-    @classmethod
-    def begin(cls) -> None:
-        if cls.draining:
-            return
-        cls.draining = True
-        log.info("SIGTERM: draining; readiness is now 503, %d admitted request(s) in flight", cls.in_flight)
-
-    @classmethod
-    def chain_signal_handler(cls) -> None:
-        """Run `begin` first on SIGTERM, then whatever handler the server installed (uvicorn's graceful exit)."""
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def on_sigterm(signum, frame):
-            cls.begin()
-            if callable(previous):
-                previous(signum, frame)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class RequestGuard:

@@ -13,6 +13,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from . import payloads
 from .batcher import DynamicBatcher
+from .drain import Drain
 from .engine import InferenceEngine
 from .errors import ApiError
 from .imaging import decode_image
@@ -99,7 +100,7 @@ class Cifar10Classifier(kserve.Model):
         self.runner = InferenceEngine(network, self.settings.device, self.settings.precision, self.settings.max_batch_size,
                                       self._calibration_images(), self.settings.compile)
         self.batcher = DynamicBatcher(self.runner.logits, self.settings.max_batch_size, self.settings.max_batch_delay_ms,
-                                     self.settings.max_queue_images)
+                                     self.settings.max_queue_images, Drain.calls_in_flight)
         self.runner.logits(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # proves the pass; raises if broken
         self.forward_ok = True
         self.ready = True

@@ -15,7 +15,8 @@ from kserve.model_server import app
 from starlette.exceptions import HTTPException
 
 from .errors import ApiError, error_response
-from .guard import Drain, RequestGuard
+from .drain import Drain
+from .guard import RequestGuard
 from .model import ClassifyRequest, active_model
 from .payloads import timestamp
 

@@ -121,14 +121,17 @@ def test_the_101st_call_in_a_minute_is_429(image):
     """Default limit: 100 calls at once per client address, refilled at 100/min (exact bucket maths below)."""
     srv = Server()  # defaults: no keys, 100 requests/minute per client address
     try:
-        assert upload(srv.client, image).status_code == 200
         started = time.monotonic()
+        assert upload(srv.client, image).status_code == 200
         # Calls count whatever they carry; bodiless ones (422) spend the bucket fast.
         statuses = [srv.client.post("/classify/image").status_code for _ in range(99)]
-        refilled = int((time.monotonic() - started) * 100 / 60)  # tokens the bucket regained meanwhile
         assert statuses == [422] * 99
-        more = [srv.client.post("/classify/image") for _ in range(refilled + 1)]
-        assert [r.status_code for r in more][-1] == 429, (refilled, [r.status_code for r in more])
+        more = []
+        while len(more) < 50 and (not more or more[-1].status_code != 429):
+            more.append(srv.client.post("/classify/image"))
+        regained = (time.monotonic() - started) * 100 / 60  # tokens the bucket refilled meanwhile
+        allowed_after_100 = sum(r.status_code != 429 for r in more)
+        assert more[-1].status_code == 429 and allowed_after_100 <= regained + 1, (regained, allowed_after_100)
         limited = more[-1]
         assert_error(limited, 429, "rate_limited")
         assert limited.headers["x-ratelimit-limit"] == "100" and limited.headers["x-ratelimit-remaining"] == "0"
