@@ -31,12 +31,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 # 2. The project as a wheel, without dependencies: the weights in predictor/weights/ are package
 #    data, so they are baked into site-packages (and world-readable, whatever their mode here);
-#    the build fails if the installed weights do not match their model card's sha256.
+#    the build fails if the installed weights or int8 calibration images do not match their model
+#    card's sha256.
 COPY README.md ./
 COPY predictor/ predictor/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
     && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
-    && python -I -c "import predictor.weights as w; w.load_model(w.PACKAGED_DIR)"
+    && python -I -c "import predictor.weights as w, predictor.quantize as q; q.calibration_images(w.PACKAGED_DIR, w.load_model(w.PACKAGED_DIR)[1])"
 
 # ---------------------------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm

@@ -109,7 +109,9 @@ def deployed(tmp_path_factory):
         return client.get(startup).status_code == 200
 
     try:
-        wait_for(started, 240, f"{startup} to answer 200 (log: {log_path})")
+        # The chart serves precision auto: compiled at load, which takes minutes on 2 cores (the
+        # chart's startup probe allows 10).
+        wait_for(started, 600, f"{startup} to answer 200 (log: {log_path})")
         yield SimpleNamespace(objects=objects, container=container, port=port, url=url, client=client, sets=sets,
                               process=process, log_path=log_path)
     finally:
