@@ -403,6 +403,11 @@ def test_after_real_traffic_every_query_returns_data_and_the_alerts_fire(deploye
     # Before the first scrape no replica was known to serve: that alert resolves once scraped.
     wait_for(lambda: "Cifar10ClassifierNoReadyReplicas" not in firing(prometheus), 30, "the no-replica alert to resolve")
     send_traffic(deployed.url)
+    # rate() sees only increases between scrapes: a series born with the first 400s reads as a flat
+    # line, so send a second wave once Prometheus has the error series.
+    wait_for(lambda: has_data(prometheus, f'api_requests_total{{job="{RELEASE}", code=~"4.."}}'), 30,
+             "the error series to be scraped", interval=1)
+    send_traffic(deployed.url)
     expressions = [*SEED_QUERIES, *dashboard_expressions(prometheus.objects, prometheus.job)]
     missing = expressions
 
@@ -415,7 +420,8 @@ def test_after_real_traffic_every_query_returns_data_and_the_alerts_fire(deploye
     assert not missing, missing
     rules = rule_expressions(prometheus.objects)
     for alert in ("Cifar10ClassifierHighErrorRate", "Cifar10ClassifierHighLatencyP95"):
-        assert has_data(prometheus, rules[alert]), alert  # the rule's own expression, thresholds at 0
+        # the rule's own expression, thresholds at 0
+        assert wait_for(lambda: has_data(prometheus, rules[alert]), 30, alert, interval=1), alert
     wait_for(lambda: {"Cifar10ClassifierHighErrorRate", "Cifar10ClassifierHighLatencyP95"} <= firing(prometheus), 30,
              "the error-rate and latency alerts to fire")
     assert "Cifar10ClassifierNoReadyReplicas" not in firing(prometheus)
