@@ -66,6 +66,12 @@ def model_only(precision: str, compile: bool, batch: int, seconds: float, device
     return row
 
 
+def served_engine(base_url: str) -> dict:
+    """What the running predictor chose at start-up (device, precision, compiled), from its v2 metadata."""
+    name = httpx.get(f"{base_url}/health", timeout=5).json()["name"]
+    return httpx.get(f"{base_url}/v2/models/{name}", timeout=5).json()["parameters"]
+
+
 def load_images(count: int) -> list[bytes]:
     files = sorted((ROOT / "tests" / "images").glob("*.jpg"))
     return [f.read_bytes() for f in files][:count]
@@ -113,10 +119,12 @@ def main() -> None:
         "seed-style baseline": (start([sys.executable, "bench/baseline_server.py", "--port", str(baseline_port)],
                                       f"http://127.0.0.1:{baseline_port}/health"), f"http://127.0.0.1:{baseline_port}/classify/image"),
     }
+    served = served_engine(f"http://127.0.0.1:{predictor_port}")
     images = load_images(20)
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                           f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
-               "seconds_per_point": args.seconds, "servers": {name: [] for name in servers}}
+               "seconds_per_point": args.seconds, "predictor_serves": served,
+               "servers": {name: [] for name in servers}}
     try:
         for concurrency in args.concurrency:
             for name, (_, url) in servers.items():

@@ -1,6 +1,6 @@
 """Where the predictor's time goes under load: py-spy samples of the server at c=32, by stage.
 
-    python bench/profile.py --seconds 15          # needs py-spy (pip install py-spy) and ptrace rights
+    python bench/stage_profile.py --seconds 15          # needs py-spy (pip install py-spy) and ptrace rights
 
 Starts the predictor (default settings, rate limit off), drives it with the benchmark's load
 generator, records the server with `py-spy record --format raw --threads` (idle threads excluded), and
@@ -47,32 +47,35 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--server-args", nargs="*", default=[])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile.txt")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile.md",
+                        help="the table; py-spy's raw samples go next to it as profile-c<N>.raw")
     args = parser.parse_args()
     port = 18380
     server = start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
                     "--rate_limit_per_minute", "0", *args.server_args], f"http://127.0.0.1:{port}/health")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    raw = args.out.with_name(f"profile-c{args.concurrency}.raw")
     try:
         load = threading.Thread(target=run_load, args=(f"http://127.0.0.1:{port}/classify/image", load_images(20),
                                                        args.concurrency, args.seconds + 4, 1.0))
         load.start()
         subprocess.run(["py-spy", "record", "--pid", str(server.pid), "--duration", str(int(args.seconds)),
-                        "--format", "raw", "--threads", "--nonblocking", "--output", str(args.out)],
+                        "--format", "raw", "--threads", "--nonblocking", "--output", str(raw)],
                        check=True, capture_output=True)
         load.join()
     finally:
         server.terminate()
         server.wait(60)
     samples: collections.Counter[str] = collections.Counter()
-    for line in args.out.read_text().splitlines():
+    for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
             samples[stage_of(stack)] += int(count)
     total = sum(samples.values())
-    print(f"| stage (c={args.concurrency}, {total} samples over all threads) | share |\n|---|---|")
-    for name, count in samples.most_common():
-        print(f"| {name} | {100 * count / total:.1f} % |")
+    table = [f"| stage (c={args.concurrency}, {total} samples over all threads) | share |", "|---|---|",
+             *(f"| {name} | {100 * count / total:.1f} % |" for name, count in samples.most_common())]
+    print("\n".join(table))
+    args.out.write_text("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":
