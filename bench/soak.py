@@ -1,6 +1,7 @@
 """`make soak` (not in CI): 10 minutes at 80 % of saturation; reports RSS growth and errors.
 
     python bench/soak.py --minutes 10 --fraction 0.8
+    python bench/soak.py --minutes 10 --rate 200                                     # a fixed offered rate
     python bench/soak.py --minutes 1 --fraction 4 --out bench/results/overload.json   # 4x saturation
 
 Finds the saturation throughput with a short closed-loop run at 64 clients, then holds an open-loop
@@ -77,6 +78,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--fraction", type=float, default=0.8)
+    parser.add_argument("--rate", type=float, default=0,
+                        help="offered requests/s instead of fraction x saturation (a short closed-loop run can "
+                             "overstate what the server sustains against an open-loop client)")
     parser.add_argument("--server-args", nargs="*", default=[])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args()
@@ -87,14 +91,15 @@ def main() -> None:
     try:
         images = load_images(20)
         saturation = run_load(url, images, 64, 15).throughput
-        print(f"saturation at 64 clients: {saturation} req/s; soaking at {args.fraction:.0%} for {args.minutes} min", flush=True)
-        report = asyncio.run(open_loop(url, images, saturation * args.fraction, args.minutes * 60, server.pid))
+        rate = args.rate or saturation * args.fraction
+        print(f"saturation at 64 clients: {saturation} req/s; offering {rate:.1f} req/s for {args.minutes} min", flush=True)
+        report = asyncio.run(open_loop(url, images, rate, args.minutes * 60, server.pid))
     finally:
         server.terminate()
         server.wait(60)
     report["saturation_rps"] = saturation
-    # Above saturation (--fraction > 1) a 503 is the load shedding doing its job, not an error.
-    shed = report["statuses"].get("503", 0) if args.fraction > 1 else 0
+    # Above saturation a 503 is the load shedding doing its job, not an error.
+    shed = report["statuses"].get("503", 0) if rate > saturation else 0
     errors = sum(n for status, n in report["statuses"].items() if status != "200") - shed
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
