@@ -53,6 +53,9 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="torch.compile the forward pass at load (slower start, faster serving; int8 always compiles) [env COMPILE]")
     add("--max_queue_images", type=int, default=_env("MAX_QUEUE_IMAGES", 256, int),
         help="images waiting for a forward pass before new requests get 503 + Retry-After [env MAX_QUEUE_IMAGES]")
+    add("--max_in_flight", type=int, default=_env("MAX_IN_FLIGHT", 256, int),
+        help="prediction calls handled at once (uploading, decoding, queued, computing); beyond it a new call gets "
+             "503 + Retry-After before its body is read [env MAX_IN_FLIGHT]")
     add("--request_timeout_s", type=float, default=_env("REQUEST_TIMEOUT_S", 30.0, float),
         help="deadline of a prediction call, body upload included; past it the caller gets 504 [env REQUEST_TIMEOUT_S]")
     add("--drain_timeout_s", type=int, default=_env("DRAIN_TIMEOUT_S", 20, int),
@@ -90,7 +93,7 @@ def load_api_keys(args: argparse.Namespace) -> ApiKeys:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     for name, minimum in (("max_batch_size", 1), ("max_batch_files", 1), ("max_body_bytes", 1), ("max_image_side", 1),
-                          ("decode_threads", 1), ("max_queue_images", 1), ("request_timeout_s", 0.001),
+                          ("decode_threads", 1), ("max_queue_images", 1), ("max_in_flight", 1), ("request_timeout_s", 0.001),
                           ("drain_timeout_s", 0), ("rate_limit_per_minute", 0)):
         if getattr(args, name) < minimum:
             raise SystemExit(f"--{name} must be >= {minimum}")
@@ -99,7 +102,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_batch_size=args.max_batch_size, max_batch_delay_ms=max(0.0, args.max_batch_delay_ms),
         max_batch_files=args.max_batch_files, max_body_bytes=args.max_body_bytes,
         max_image_side=args.max_image_side, decode_threads=args.decode_threads,
-        max_queue_images=args.max_queue_images, request_timeout_s=args.request_timeout_s,
+        max_queue_images=args.max_queue_images, max_in_flight=args.max_in_flight, request_timeout_s=args.request_timeout_s,
         drain_timeout_s=args.drain_timeout_s, api_keys=load_api_keys(args),
         rate_limit_per_minute=args.rate_limit_per_minute, trust_forwarded_for=args.trust_forwarded_for,
         precision=args.precision, compile=args.compile,

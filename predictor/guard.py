@@ -1,8 +1,9 @@
 """The HTTP guard in front of every route: drain, API keys, rate limit, body limit, deadline, metrics.
 
 A pure-ASGI middleware, so it sees each request before FastAPI parses anything, in this order:
-refuse while draining (503) -> authenticate (401) -> rate-limit (429) -> refuse oversized bodies
-(413) -> run the route under the request deadline (504) -> record api_* metrics.
+refuse while draining (503) -> authenticate (401) -> rate-limit (429) -> shed when the replica is
+saturated (503) -> refuse oversized bodies (413) -> run the route under the request deadline (504)
+-> record api_* metrics.
 """
 
 import asyncio
@@ -122,6 +123,12 @@ class RequestGuard:
                 return error_response(429, "rate_limited",
                                       f"More than {decision.limit} requests per minute; retry in {decision.retry_after_s} s.",
                                       {"Retry-After": str(decision.retry_after_s)})
+        if Drain.in_flight >= settings.max_in_flight:
+            # Refused before the body is read or FastAPI runs: far above saturation a refusal must
+            # cost much less than a served call, or the refusals themselves swamp the event loop.
+            metrics.SHED.inc()
+            return error_response(503, "overloaded", f"{Drain.in_flight} calls are already in flight (limit "
+                                  f"{settings.max_in_flight}); retry shortly.", {"Retry-After": "1"})
         return None
 
     async def _limit_body(self, scope, receive, limit: int):

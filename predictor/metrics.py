@@ -18,4 +18,4 @@ BATCH_SIZE = Histogram(
 )
 QUEUE_DEPTH = Gauge("predictor_queue_depth", "Images admitted and waiting for a forward pass")
 FORWARD_FAILURES = Counter("predictor_forward_failures_total", "Forward passes that raised (their requests got 500)")
-SHED = Counter("predictor_shed_requests_total", "Requests refused with 503 because the batch queue was full")
+SHED = Counter("predictor_shed_requests_total", "Requests refused with 503 because the replica was saturated (calls in flight or batch queue at their limit)")

@@ -46,6 +46,7 @@ class Settings:
     max_image_side: int = 4096
     decode_threads: int = 2
     max_queue_images: int = 256
+    max_in_flight: int = 256
     request_timeout_s: float = 30.0
     drain_timeout_s: int = 20
     api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))

@@ -147,6 +147,7 @@ BAD_VALUES = {
     "negative rate limit": (["--set", "rateLimit.perMinute=-1"], "perMinute"),
     "trust forwarded-for": (["--set", "rateLimit.trustForwardedFor=maybe"], "trustForwardedFor"),
     "queue of 0 images": (["--set", "batching.maxQueueImages=0"], "maxQueueImages"),
+    "no call in flight": (["--set", "batching.maxInFlight=0"], "maxInFlight"),
     "PDB bad minAvailable": (["--set", "podDisruptionBudget.minAvailable=half"], "minAvailable"),
     "network policy: old namespace list": (["--set", "networkPolicy.allowedNamespaces={monitoring}"], "allowedNamespaces"),
 }
@@ -326,6 +327,7 @@ def test_every_new_setting_reaches_the_predictor_env(values_file):
     env = env_of_values(values_file)
     assert env["PRECISION"] == values["precision"]
     assert env["MAX_QUEUE_IMAGES"] == str(values["batching"]["maxQueueImages"])
+    assert env["MAX_IN_FLIGHT"] == str(values["batching"]["maxInFlight"])
     assert float(env["REQUEST_TIMEOUT_S"]) == values["limits"]["requestTimeoutSeconds"]
     assert env["RATE_LIMIT_PER_MINUTE"] == str(values["rateLimit"]["perMinute"])
     assert "API_KEYS" not in env, "keys never go into the pod spec in plain text"

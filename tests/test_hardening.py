@@ -21,6 +21,14 @@ def upload(client: httpx.Client, image: bytes, path: str = "/classify/image", **
     return client.post(path, files={"file": ("cat.jpg", image, "image/jpeg")}, headers=headers)
 
 
+def multipart_upload(image: bytes, port: int, extra_headers: str = "") -> tuple[bytes, bytes]:
+    """(request head + first bytes of the body, rest of the body) of a raw /classify/image upload."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n" + image + b"\r\n--b--\r\n")
+    head = (f"POST /classify/image HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra_headers}Content-Length: {len(body)}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\n\r\n").encode()
+    return head + body[:100], body[100:]
+
+
 def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
@@ -103,12 +111,10 @@ def test_rate_limit_is_per_key(keyed_server, image):
 # -- deadline ------------------------------------------------------------------------------------
 def test_slow_upload_gets_504_at_the_deadline(keyed_server, image):
     """A client that trickles its body is cut off with 504 instead of holding the connection forever."""
-    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n\r\n" + image + b"\r\n--b--\r\n")
-    head = (f"POST /classify/image HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS[1]}\r\nContent-Length: {len(body)}\r\n"
-            "Content-Type: multipart/form-data; boundary=b\r\n\r\n").encode()
+    first_part, _ = multipart_upload(image, keyed_server.port, f"X-API-Key: {KEYS[1]}\r\n")
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", keyed_server.port), timeout=20) as sock:
-        sock.sendall(head + body[:100])  # ... and the rest never comes
+        sock.sendall(first_part)  # ... and the rest never comes
         reply = sock.recv(65536).decode(errors="replace")
     assert reply.startswith("HTTP/1.1 504"), reply
     assert '"deadline_exceeded"' in reply
@@ -165,6 +171,35 @@ def test_flood_of_a_tiny_queue_sheds_with_503_and_admitted_calls_succeed(image):
         metrics = srv.client.get("/metrics").text
         assert re.search(r"^predictor_shed_requests_total (\d+)", metrics, re.M).group(1) == str(statuses.count(503))
         assert srv.client.get("/health").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_calls_beyond_the_in_flight_limit_are_refused_before_their_body_is_read(image):
+    """Two uploads still sending their bodies fill --max_in_flight 2: a third call is refused at once
+    (its body unread), the two held calls still complete, and the next call is admitted again."""
+    srv = Server("--max_in_flight", "2", "--rate_limit_per_minute", "0")
+    try:
+        first_part, rest = multipart_upload(image, srv.port)
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(2)]
+        for sock in held:
+            sock.sendall(first_part)
+        time.sleep(0.5)  # both are admitted and waiting for the rest of their bodies
+        started = time.monotonic()
+        refused = upload(srv.client, image)
+        assert time.monotonic() - started < 2
+        assert_error(refused, 503, "overloaded")
+        assert refused.headers["retry-after"] == "1"
+        for sock in held:
+            sock.sendall(rest)
+            reply = sock.recv(65536).decode(errors="replace")
+            assert reply.startswith("HTTP/1.1 200"), reply
+            assert '"predicted_class"' in reply
+            sock.close()
+        assert upload(srv.client, image).status_code == 200
+        metrics = srv.client.get("/metrics").text
+        assert re.search(r"^predictor_shed_requests_total (\d+)", metrics, re.M).group(1) == "1"
+        assert 'api_requests_total{code="503",endpoint="/classify/image",status="error"} 1.0' in metrics
     finally:
         srv.stop()
 
