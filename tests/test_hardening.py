@@ -29,6 +29,18 @@ def multipart_upload(image: bytes, port: int, extra_headers: str = "") -> tuple[
     return head + body[:100], body[100:]
 
 
+def read_reply(sock: socket.socket) -> str:
+    """One whole HTTP/1.1 response from a raw socket (head and body can arrive in separate segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
 def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
@@ -115,7 +127,7 @@ def test_slow_upload_gets_504_at_the_deadline(keyed_server, image):
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", keyed_server.port), timeout=20) as sock:
         sock.sendall(first_part)  # ... and the rest never comes
-        reply = sock.recv(65536).decode(errors="replace")
+        reply = read_reply(sock)
     assert reply.startswith("HTTP/1.1 504"), reply
     assert '"deadline_exceeded"' in reply
     assert 1.9 < time.monotonic() - started < 15
@@ -192,7 +204,7 @@ def test_calls_beyond_the_in_flight_limit_are_refused_before_their_body_is_read(
         assert refused.headers["retry-after"] == "1"
         for sock in held:
             sock.sendall(rest)
-            reply = sock.recv(65536).decode(errors="replace")
+            reply = read_reply(sock)
             assert reply.startswith("HTTP/1.1 200"), reply
             assert '"predicted_class"' in reply
             sock.close()
