@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import metrics
-from .errors import ApiError
+from .errors import overloaded
 
 
 @dataclass
@@ -49,9 +49,7 @@ class DynamicBatcher:
         self._ensure_worker()
         # An empty queue takes any request, so one larger than the queue bound is still served.
         if self._queued_images + len(images) > self.max_queue_images and self._queued_images > 0:
-            metrics.SHED.inc()
-            raise ApiError(503, "overloaded", f"{self._queued_images} images are already queued (limit "
-                           f"{self.max_queue_images}); retry shortly.", {"Retry-After": "1"})
+            raise overloaded(f"{self._queued_images} images are already queued (limit {self.max_queue_images})")
         chunks = [_Pending(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
         for chunk in chunks:
             self._pending.append(chunk)

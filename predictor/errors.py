@@ -3,6 +3,8 @@
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
+from . import metrics
+
 
 class ApiError(HTTPException):
     """A client-visible failure with its HTTP status and a stable machine-readable code.
@@ -19,6 +21,15 @@ class ApiError(HTTPException):
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message, self.headers)
+
+
+def overloaded(reason: str) -> ApiError:
+    """The 503 for a call shed because the replica is saturated (counted in predictor_shed_requests_total)."""
+    metrics.SHED.inc()
+    return ApiError(503, "overloaded", f"{reason}; retry shortly.", {"Retry-After": "1"})
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -12,7 +12,7 @@ import time
 
 from . import metrics
 from .drain import Drain
-from .errors import ApiError, error_response
+from .errors import ApiError, error_response, overloaded
 from .model import active_model
 from .payloads import v2_binary_framing_error
 from .security import RateLimiter, caller_identity, presented_key
@@ -103,7 +103,7 @@ class RequestGuard:
             Drain.in_flight -= 1
 
     def _refusal(self, scope, settings, extra_headers: list) -> object | None:
-        """A response for a call that must not proceed (draining, no key, over its rate), else None."""
+        """A response for a call that must not proceed (draining, no key, over its rate, replica saturated), else None."""
         if Drain.draining:
             return error_response(503, "shutting_down", "This replica is shutting down; retry on another.",
                                   {"Retry-After": "1", "Connection": "close"})
@@ -126,9 +126,7 @@ class RequestGuard:
         if Drain.in_flight >= settings.max_in_flight:
             # Refused before the body is read or FastAPI runs: far above saturation a refusal must
             # cost much less than a served call, or the refusals themselves swamp the event loop.
-            metrics.SHED.inc()
-            return error_response(503, "overloaded", f"{Drain.in_flight} calls are already in flight (limit "
-                                  f"{settings.max_in_flight}); retry shortly.", {"Retry-After": "1"})
+            return overloaded(f"{Drain.in_flight} calls are already in flight (limit {settings.max_in_flight})").response()
         return None
 
     async def _limit_body(self, scope, receive, limit: int):

@@ -69,7 +69,7 @@ async def v2_model_metadata(model_name: str, model_version: str | None = None):
     if model is None or model.name != model_name:
         raise ApiError(404, "model_not_found", f"Model with name {model_name} does not exist.")
     if model_version:
-        raise ApiError(404, "not_supported", "Model versioning not supported yet.")
+        raise ApiError(404, "not_supported", "Model versions are not served: this predictor serves one unversioned model.")
     return {"name": model.name, "versions": [model.version], "platform": "pytorch",
             "inputs": model.get_input_types(), "outputs": model.get_output_types(), "parameters": model.metadata}
 
@@ -84,7 +84,7 @@ async def health():
 
 # -- error format: every failure is {"error": {"code", "message"}} ----------------------------------
 async def _api_error(_: Request, exc: ApiError):
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
+    return exc.response()
 
 
 async def _http_error(_: Request, exc: HTTPException):
