@@ -3,8 +3,9 @@
     python -m predictor.train --data /tmp/cifar10/train --epochs 15
 
 One-cycle SGD (nesterov, momentum 0.9, weight decay 5e-4), label smoothing 0.1, random 4-px crop +
-horizontal flip applied to whole uint8 batches in torch, bf16 autocast and channels_last on CPUs
-that support bf16 (and on CUDA). A checkpoint is written after every epoch; --resume continues it.
+horizontal flip + Cutout applied to whole batches in torch, bf16 autocast and channels_last on CPUs
+that support bf16 (and on CUDA). A checkpoint is written after every epoch; --resume continues it
+(refused if the recipe on the command line differs from the checkpoint's).
 """
 
 import argparse
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--cutout", type=int, default=0,
+                   help="side of the square zeroed at a random place in every training image (0: off)")
     p.add_argument("--holdout", type=int, default=5000, help="stratified validation images, never trained on")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -82,6 +85,22 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = torch.rand(n, generator=generator) < 0.5
     out[flip.to(batch.device)] = out[flip.to(batch.device)].flip(3)
     return out.permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def cutout(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero (the normalised mean) a size x size square centred at a random pixel of each NCHW image.
+
+    The square may hang over the border, as in DeVries & Taylor (2017), so some images lose less.
+    """
+    if size <= 0:
+        return batch
+    n, _, h, w = batch.shape
+    cy = torch.randint(0, h, (n, 1, 1), generator=generator)
+    cx = torch.randint(0, w, (n, 1, 1), generator=generator)
+    ys = torch.arange(h)[None, :, None] - (cy - size // 2)
+    xs = torch.arange(w)[None, None, :] - (cx - size // 2)
+    inside = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
+    return batch.masked_fill(inside[:, None].to(batch.device), 0.0)
 
 
 @torch.no_grad()
@@ -129,6 +148,7 @@ def train(args: argparse.Namespace) -> dict | None:
     checkpoint_path = run_dir / "last.pt"
     if args.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        refuse_changed_recipe(args, state["args"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -146,7 +166,7 @@ def train(args: argparse.Namespace) -> dict | None:
                    mininterval=5.0, disable=None)
         for step in bar:
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x = normalize(augment(images[batch], generator))
+            x = cutout(normalize(augment(images[batch], generator)), args.cutout, generator)
             y = labels[batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(x)
@@ -182,6 +202,19 @@ def train(args: argparse.Namespace) -> dict | None:
             log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
             return None
     return export(model, data, val_set, history, args, parent)
+
+
+# Arguments that define what is trained: resuming with any of them changed would silently mix two recipes.
+RECIPE_ARGS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "cutout", "holdout",
+               "split_seed", "seed", "limit", "init_from")
+
+
+def refuse_changed_recipe(args: argparse.Namespace, saved: dict) -> None:
+    changed = [f"--{name.replace('_', '-')} {saved.get(name)!r} -> {getattr(args, name)!r}"
+               for name in RECIPE_ARGS if name in saved and saved[name] != getattr(args, name)]
+    if changed:
+        raise SystemExit(f"--resume: the checkpoint was made with another recipe ({'; '.join(changed)}); "
+                         "use the same arguments, or another --run-dir")
 
 
 def warm_start_card(args: argparse.Namespace, fingerprint: str) -> dict:
@@ -222,7 +255,8 @@ def export(model: torch.nn.Module, data: Dataset, val_set: Dataset, history: lis
                  "split": "stratified, equal count per class, numpy default_rng(split_seed)"},
         "recipe": {"optimizer": "SGD momentum 0.9 nesterov", "schedule": "one-cycle (pct_start 0.25)",
                    "peak_lr": args.lr, "weight_decay": args.weight_decay, "batch_size": args.batch_size,
-                   "label_smoothing": args.label_smoothing, "augmentation": "4-px reflect-pad random crop, horizontal flip",
+                   "label_smoothing": args.label_smoothing, "augmentation": "4-px reflect-pad random crop, horizontal flip"
+                   + (f", Cutout {args.cutout}x{args.cutout}" if args.cutout else ""),
                    "precision": "bf16 autocast, channels_last", "seed": args.seed, "limit": args.limit},
         "epochs": len(history),
         "validation_accuracy": round(float((predicted == labels).float().mean()), 4),

@@ -33,7 +33,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def run_train(data: Path, work: Path, *extra: str) -> dict | None:
     return train.main(["--data", str(data), "--out", str(work / "out"), "--run-dir", str(work / "run"),
                        "--cache-dir", str(work / "cache"), "--epochs", "2", "--batch-size", "64",
-                       "--holdout", "100", "--lr", "0.05", *extra])
+                       "--holdout", "100", "--lr", "0.05", "--cutout", "8", *extra])
 
 
 def test_train_resume_export_and_evaluate(tiny_dataset, tmp_path, capsys):
@@ -47,6 +47,8 @@ def test_train_resume_export_and_evaluate(tiny_dataset, tmp_path, capsys):
 
     # Stop after one epoch, then resume: the result is the same network as the uninterrupted run.
     assert run_train(tiny_dataset, tmp_path / "resumed", "--stop-after", "1") is None
+    with pytest.raises(SystemExit, match="--lr 0.05 -> 0.1"):  # another recipe would not resume the same run
+        run_train(tiny_dataset, tmp_path / "resumed", "--resume", "--lr", "0.1")
     resumed = run_train(tiny_dataset, tmp_path / "resumed", "--resume")
     assert resumed["history"][0] == {**card["history"][0], "seconds": resumed["history"][0]["seconds"],
                                      "images_per_second": resumed["history"][0]["images_per_second"]}
@@ -80,3 +82,16 @@ def test_train_resume_export_and_evaluate(tiny_dataset, tmp_path, capsys):
     over_http = json.loads((tmp_path / "eval-http/evaluation.json").read_text())
     assert over_http["accuracy"] == report["accuracy"]
     assert over_http["per_class_accuracy"] == report["per_class_accuracy"]
+
+
+def test_cutout_zeroes_one_square_per_image_and_nothing_else():
+    images = torch.ones(500, 3, 32, 32)
+    out = train.cutout(images, 12, torch.Generator().manual_seed(1))
+    for image in out:
+        rows, cols = (image[0] == 0).nonzero(as_tuple=True)
+        assert (image == 0).all(0).equal(image[0] == 0)  # the same square in every channel
+        assert rows.max() - rows.min() < 12 and cols.max() - cols.min() < 12
+        assert len(rows) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)  # a full rectangle
+    inside = (out == 0).all(1).flatten(1).sum(1)
+    assert inside.max() == 144 and inside.min() >= 36  # whole square when inside, clipped at the border
+    assert train.cutout(images, 0, torch.Generator()).equal(images)
