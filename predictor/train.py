@@ -73,17 +73,22 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 32x32 crop of the 4-px reflect-padded image and a random horizontal flip, per image."""
+    """Random 32x32 crop of the 4-px reflect-padded image and a random horizontal flip, per image.
+
+    The random draws come from `generator`, which lives on the batch's device, and the flip is a
+    `where`, not boolean indexing: on CUDA nothing here waits for the GPU.
+    """
     n, h, w, _ = batch.shape
+    device = batch.device
     padded = F.pad(batch.permute(0, 3, 1, 2).float(), (4, 4, 4, 4), mode="reflect")
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    dx = torch.randint(0, 9, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, 3, h, w + 8)
-    out = padded.gather(2, rows.to(batch.device))
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, 3, h, w)
-    out = out.gather(3, cols.to(batch.device))
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip.to(batch.device)] = out[flip.to(batch.device)].flip(3)
+    dy = torch.randint(0, 9, (n,), generator=generator, device=device)
+    dx = torch.randint(0, 9, (n,), generator=generator, device=device)
+    flip = torch.rand(n, generator=generator, device=device) < 0.5
+    rows = (dy[:, None] + torch.arange(h, device=device)[None, :])[:, None, :, None].expand(n, 3, h, w + 8)
+    out = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=device)[None, :])[:, None, None, :].expand(n, 3, h, w)
+    out = out.gather(3, cols)
+    out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out.permute(0, 2, 3, 1).to(torch.uint8)
 
 
@@ -95,12 +100,13 @@ def cutout(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.
     if size <= 0:
         return batch
     n, _, h, w = batch.shape
-    cy = torch.randint(0, h, (n, 1, 1), generator=generator)
-    cx = torch.randint(0, w, (n, 1, 1), generator=generator)
-    ys = torch.arange(h)[None, :, None] - (cy - size // 2)
-    xs = torch.arange(w)[None, None, :] - (cx - size // 2)
+    device = batch.device
+    cy = torch.randint(0, h, (n, 1, 1), generator=generator, device=device)
+    cx = torch.randint(0, w, (n, 1, 1), generator=generator, device=device)
+    ys = torch.arange(h, device=device)[None, :, None] - (cy - size // 2)
+    xs = torch.arange(w, device=device)[None, None, :] - (cx - size // 2)
     inside = (ys >= 0) & (ys < size) & (xs >= 0) & (xs < size)
-    return batch.masked_fill(inside[:, None].to(batch.device), 0.0)
+    return batch.masked_fill(inside[:, None], 0.0)
 
 
 @torch.no_grad()
@@ -120,6 +126,8 @@ def train(args: argparse.Namespace) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -156,11 +164,13 @@ def train(args: argparse.Namespace) -> dict | None:
         log.info("resumed from %s after epoch %d", checkpoint_path, start_epoch)
 
     for epoch in range(start_epoch, args.epochs):
-        generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same batches on resume
-        order = torch.randperm(len(images), generator=generator).to(device)
+        # Same batches on resume. On CUDA the generator lives on the GPU, so drawing never waits for it.
+        generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + epoch)
+        order = torch.randperm(len(images), generator=generator, device=device)
         model.train()
-        seen = correct = 0
-        loss_sum = 0.0
+        seen = 0
+        correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no sync per step
+        loss_sum = torch.zeros((), device=device)
         started = time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr,
                    mininterval=5.0, disable=None)
@@ -176,9 +186,11 @@ def train(args: argparse.Namespace) -> dict | None:
             optimizer.step()
             scheduler.step()
             seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss.detach()) * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+            correct += (logits.argmax(1) == y).sum()
+            loss_sum += loss.detach() * len(y)
+            if not bar.disable and step % 50 == 0:  # reading the sums waits for the GPU: not every step
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
+        correct, loss_sum = int(correct), float(loss_sum)  # waits for the GPU's last step
         seconds = time.perf_counter() - started
         val_logits = predict_logits(model, val_set.images, device, autocast)
         val_labels = torch.from_numpy(val_set.labels)
