@@ -1,6 +1,9 @@
 """Train the CIFAR-10 ResNet18, then export the weights, fit the temperature and write the model card.
 
-    python -m predictor.train --data /tmp/cifar10/train        # the shipped weights' recipe
+    python -m predictor.train --data /tmp/cifar10/train        # the CPU recipe (40 epochs, 91.68 %)
+
+The shipped weights are this recipe on CUDA, `--device cuda --epochs 80`, then 80 more epochs with
+`--init-from` the first run's export (`make train-gpu`).
 
 One-cycle SGD (nesterov, momentum 0.9, weight decay 5e-4), label smoothing 0.1, random 4-px crop +
 horizontal flip + Cutout applied to whole batches in torch, bf16 autocast and channels_last on CPUs

@@ -37,8 +37,8 @@ def test_shipped_weights_match_their_card():
     assert sha256_of(PACKAGED_DIR / WEIGHTS_FILE) == card["weights_sha256"]
     assert card["classes"] == list(CLASSES)
     assert (PACKAGED_DIR / WEIGHTS_FILE).stat().st_size < 50 * 1024 * 1024
-    # A regression floor (the 93 % target of the training issue is not reached yet: 91.68 %).
-    assert card["validation_accuracy"] >= 0.915, "shipped weights worse than the ones measured at release"
+    # The release's measured 93.12 % keeps the project's 93 % floor.
+    assert card["validation_accuracy"] >= 0.93, "shipped weights below the project's 93 % accuracy floor"
     assert card["ece_15_bins"]["after"] <= card["ece_15_bins"]["before"]
 
 
