@@ -13,10 +13,10 @@ def _docs_on_by_default() -> None:
 
 _docs_on_by_default()
 
-import torch  # noqa: E402
 from kserve import model_server  # noqa: E402
 
 from .config import build_parser, settings_from  # noqa: E402
+from .engine import EngineError  # noqa: E402
 from .model import Cifar10Classifier  # noqa: E402
 from .weights import WeightsError  # noqa: E402
 
@@ -38,12 +38,10 @@ def main() -> None:
     _configure_logging()
     args = build_parser(model_server.parser).parse_args()
     settings = settings_from(args)
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
     model = Cifar10Classifier(args.model_name, settings)
     try:
         model.load()
-    except WeightsError as exc:
+    except (WeightsError, EngineError) as exc:
         log.error("cannot serve: %s", exc)
         sys.exit(2)
     log.info("API keys: %s; rate limit: %s; queue bound %d images; deadline %g s; drain %d s",

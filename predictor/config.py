@@ -45,12 +45,17 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--max_image_side", type=int, default=_env("MAX_IMAGE_SIDE", 4096, int),
         help="largest width or height accepted, checked before decoding [env MAX_IMAGE_SIDE]")
     add("--decode_threads", type=int, default=_env("DECODE_THREADS", 2, int), help="image decoding threads [env DECODE_THREADS]")
-    add("--torch_threads", type=int, default=_env("TORCH_THREADS", 0, int),
-        help="intra-op threads for the forward pass; 0 keeps torch's default (one per core) [env TORCH_THREADS]")
+    add("--intra_op_threads", type=int, default=_env("INTRA_OP_THREADS", 0, int),
+        help="threads of one forward pass (ONNX Runtime or torch); 0: one per usable core (affinity, cgroup CPU "
+             "limit) [env INTRA_OP_THREADS]")
+    add("--engine", default=_env("ENGINE", "auto"), choices=["auto", "onnx", "torch"],
+        help="onnx: ONNX Runtime with the shipped int8 graph (CPU; no compiler, no compile time); torch: CUDA and every "
+             "CPU precision; auto: onnx on the CPU for precision auto/int8, else torch [env ENGINE]")
     add("--precision", default=_env("PRECISION", "auto"), choices=["auto", "fp32", "bf16", "int8", "fp16"],
         help="numeric precision of the forward pass; auto picks the fastest that keeps accuracy on this device [env PRECISION]")
     add("--compile", type=_boolean, default=_env("COMPILE", True, _boolean),
-        help="torch.compile the forward pass at load (slower start, faster serving; int8 always compiles) [env COMPILE]")
+        help="torch engine: torch.compile the forward pass at load (needs a C++ compiler; slower start, faster serving; "
+             "torch int8 always compiles) [env COMPILE]")
     add("--max_queue_images", type=int, default=_env("MAX_QUEUE_IMAGES", 256, int),
         help="images waiting for a forward pass before new requests get 503 + Retry-After [env MAX_QUEUE_IMAGES]")
     add("--max_in_flight", type=int, default=_env("MAX_IN_FLIGHT", 256, int),
@@ -94,7 +99,7 @@ def load_api_keys(args: argparse.Namespace) -> ApiKeys:
 def settings_from(args: argparse.Namespace) -> Settings:
     for name, minimum in (("max_batch_size", 1), ("max_batch_files", 1), ("max_body_bytes", 1), ("max_image_side", 1),
                           ("decode_threads", 1), ("max_queue_images", 1), ("max_in_flight", 1), ("request_timeout_s", 0.001),
-                          ("drain_timeout_s", 0), ("rate_limit_per_minute", 0)):
+                          ("drain_timeout_s", 0), ("rate_limit_per_minute", 0), ("intra_op_threads", 0)):
         if getattr(args, name) < minimum:
             raise SystemExit(f"--{name} must be >= {minimum}")
     return Settings(
@@ -105,5 +110,5 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_queue_images=args.max_queue_images, max_in_flight=args.max_in_flight, request_timeout_s=args.request_timeout_s,
         drain_timeout_s=args.drain_timeout_s, api_keys=load_api_keys(args),
         rate_limit_per_minute=args.rate_limit_per_minute, trust_forwarded_for=args.trust_forwarded_for,
-        precision=args.precision, compile=args.compile,
+        engine=args.engine, precision=args.precision, compile=args.compile, intra_op_threads=args.intra_op_threads,
     )

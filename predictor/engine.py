@@ -1,27 +1,124 @@
-"""The forward pass: uint8 images in, fp32 logits out, at the precision chosen for this device.
+"""The forward pass: uint8 images in, fp32 logits out, on the engine and precision chosen for this device.
 
-Precisions (`--precision`): CPU fp32 | bf16 | int8, CUDA fp16 | bf16 | fp32. `auto` takes the fastest
-this device runs well: on CUDA fp16; on CPU int8 where the CPU has VNNI/AMX int8 instructions and
-the calibration images are shipped, else bf16 where it has native bf16, else fp32. Every shipped
+Engines (`--engine`): `onnx` (ONNX Runtime, the shipped int8 graph; CPU only, see onnx_engine) and
+`torch` (CUDA, and every CPU precision). `auto` takes onnx on the CPU when the precision asked is
+auto or int8 and the graph ships, else torch.
+Torch precisions (`--precision`): CPU fp32 | bf16 | int8, CUDA fp16 | bf16 | fp32. `auto` takes the
+fastest this device runs well: on CUDA fp16; on CPU int8 where the CPU has VNNI/AMX int8 instructions
+and the calibration images are shipped, else bf16 where it has native bf16, else fp32. Every shipped
 precision keeps validation accuracy within 0.3 points of fp32 (README, `predictor.evaluate --precision`).
 Compiled paths are compiled and warmed up at load, before the server reports ready.
 """
 
 import copy
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .network import normalize
+from .weights import WeightsError
 
 log = logging.getLogger("predictor")
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 CUDA_PRECISIONS = ("fp16", "bf16", "fp32")
+# The CUDA 13 wheels' runtime needs at least this NVIDIA driver (major version).
+MIN_CUDA_DRIVER = 580
+# Share of the calibration images on which the int8 graph must pick the fp32 network's class.
+MIN_INT8_AGREEMENT = 0.98
+
+
+class EngineError(Exception):
+    """The engine asked for cannot run here (no GPU, driver too old, no compiler, no int8 graph)."""
+
+
+def usable_cores() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a pod's limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def choose_engine(requested: str, device: str, precision: str, onnx_int8_ships: bool) -> str:
+    """'onnx' or 'torch' for what was asked; raises EngineError for a combination that cannot run."""
+    if requested == "auto":
+        return "onnx" if device == "cpu" and precision in ("auto", "int8") and onnx_int8_ships else "torch"
+    if requested == "onnx":
+        if device != "cpu":
+            raise EngineError("--engine onnx runs on the CPU only (use --device cpu, or --engine torch on CUDA)")
+        if precision not in ("auto", "int8"):
+            raise EngineError(f"--engine onnx serves int8 only (asked for {precision}; use --engine torch)")
+        if not onnx_int8_ships:
+            raise EngineError("--engine onnx: the model directory has no int8 ONNX graph")
+    return requested
+
+
+def resolve_device(requested: str) -> str:
+    """'cpu' or 'cuda'. Asking for cuda where no usable GPU is present stops the process: serving on
+    the CPU while holding (and being billed for) a GPU would hide the problem."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            driver = _nvidia_driver_version()
+            if driver is not None and driver < MIN_CUDA_DRIVER:
+                raise EngineError(f"--device cuda: NVIDIA driver {driver} is too old for this image's CUDA 13 runtime "
+                                  f"(needs >= {MIN_CUDA_DRIVER})")
+            raise EngineError("--device cuda: no usable GPU is visible to this process "
+                              "(is the NVIDIA device plugin giving the pod a GPU?)")
+    return requested
+
+
+def _nvidia_driver_version() -> int | None:
+    try:
+        return int(Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0].split(".")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def build_engine(network: torch.nn.Module, card: dict, model_dir: Path | None, *, engine: str, device: str,
+                 precision: str, max_batch_size: int, threads: int, compile: bool,
+                 calibration: np.ndarray | None):
+    """The engine that serves: ONNX Runtime int8 or torch, checked against the fp32 network when it is int8."""
+    from .onnx_engine import OnnxEngine, onnx_int8_path
+
+    device = resolve_device(device)
+    chosen = choose_engine(engine, device, precision, model_dir is not None and "onnx_int8" in card)
+    if chosen == "onnx":
+        runner = OnnxEngine(onnx_int8_path(model_dir, card), max_batch_size, threads)
+    else:
+        torch.set_num_threads(threads)
+        runner = InferenceEngine(network, device, precision, max_batch_size, calibration, compile)
+    if runner.precision == "int8":
+        check_agreement(runner, network, calibration)
+    return runner
+
+
+def check_agreement(runner, network: torch.nn.Module, calibration: np.ndarray | None) -> float:
+    """Share of the calibration images on which `runner` picks the fp32 network's class; raises below the floor."""
+    if calibration is None:
+        raise WeightsError("int8 needs the calibration images shipped with the weights")
+    with torch.inference_mode():
+        reference = network.eval()(normalize(torch.from_numpy(calibration))).argmax(1).numpy()
+    agreement = float((runner.logits(calibration).argmax(1) == reference).mean())
+    if agreement < MIN_INT8_AGREEMENT:
+        raise WeightsError(f"int8 engine agrees with the fp32 network on only {agreement:.1%} of the calibration "
+                           f"images (floor {MIN_INT8_AGREEMENT:.0%}): refusing to serve it")
+    log.info("int8 engine agrees with the fp32 network on %.1f%% of %d calibration images", 100 * agreement,
+             len(calibration))
+    return agreement
 
 
 def cpu_has(feature: str) -> bool:
@@ -65,11 +162,11 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 class InferenceEngine:
     """Owns the network on its device. `logits` is blocking: call it from the batcher's worker thread."""
 
+    name = "torch"
+
     def __init__(self, model: torch.nn.Module, device: str = "auto", precision: str = "auto",
                  max_batch_size: int = 32, calibration: np.ndarray | None = None, compile: bool = True):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.precision = resolve_precision(precision, self.device, calibration is not None)
         self.max_batch_size = max_batch_size
         self.compiled = compile
@@ -105,6 +202,9 @@ class InferenceEngine:
             def autocast():
                 return torch.autocast("cpu", dtype=torch.bfloat16)
         if compile:
+            if shutil.which(os.environ.get("CXX", "g++")) is None:
+                raise EngineError("--compile true needs a C++ compiler (inductor builds its kernels at load): install "
+                                  "g++, or start with --compile false")
             # Freezing folds the weights into the graph as constants: conv+bn+relu fuse, and int8
             # weights are pre-packed once (4x faster int8 on this code path).
             torch._inductor.config.freezing = True
@@ -120,8 +220,12 @@ class InferenceEngine:
         return forward
 
     @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
     def description(self) -> str:
-        return f"{self.device.type} {self.precision}{' compiled' if self.compiled else ''}"
+        return f"{self.device.type} {self.precision} torch{' compiled' if self.compiled else ''}"
 
     @torch.inference_mode()
     def logits(self, images: np.ndarray) -> np.ndarray:

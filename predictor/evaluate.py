@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8", "fp16"],
                    help="in-process precision to measure (each served precision must stay within 0.3 points of fp32)")
+    p.add_argument("--engine", default="auto", choices=["auto", "onnx", "torch"], help="as the server's --engine")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="compile the forward pass as serving does")
     p.add_argument("--out", type=Path, default=Path("reports"), help="where metrics JSON and the confusion-matrix PNG go")
@@ -62,7 +63,8 @@ def chunks(files: list[tuple[str, int]]) -> Iterator[list[tuple[str, int]]]:
 
 async def classify_in_process(files: list[tuple[str, int]], args: argparse.Namespace) -> list[dict]:
     model = Cifar10Classifier("evaluate", Settings(model_dir=args.model_dir, device=args.device, max_batch_size=CHUNK,
-                                                   max_queue_images=CHUNK, precision=args.precision, compile=args.compile))
+                                                   max_queue_images=CHUNK, engine=args.engine, precision=args.precision,
+                                                   compile=args.compile))
     model.load()
     results = []
     for chunk in chunks(files):
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.array([label for _, label in files])
     summary = summarize(results, labels)
     predicted = summary.pop("predicted")
-    summary["source"] = args.url or f"in-process, {args.model_dir}, precision {args.precision}"
+    summary["source"] = args.url or f"in-process, {args.model_dir}, engine {args.engine}, precision {args.precision}"
     args.out.mkdir(parents=True, exist_ok=True)
     from . import reports
     reports.confusion_matrix(predicted, labels, args.out / "confusion_matrix.png")

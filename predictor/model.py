@@ -15,7 +15,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 from . import payloads
 from .batcher import DynamicBatcher
 from .drain import Drain
-from .engine import InferenceEngine
+from .engine import build_engine, usable_cores
 from .errors import ApiError
 from .imaging import decode_image
 from .network import CLASSES, IMAGE_SIZE, build_resnet18
@@ -52,8 +52,10 @@ class Settings:
     api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
     rate_limit_per_minute: int = 100
     trust_forwarded_for: bool = False
+    engine: str = "auto"
     precision: str = "auto"
     compile: bool = True
+    intra_op_threads: int = 0  # 0: one per usable core
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Cifar10Classifier(kserve.Model):
         self.card: dict = {}
         self.temperature = 1.0
         self.version = "untrained"
-        self.runner: InferenceEngine | None = None
+        self.runner = None  # an InferenceEngine or OnnxEngine (predictor.engine.build_engine)
         self.batcher: DynamicBatcher | None = None
         self.forward_ok = False
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
@@ -99,8 +101,11 @@ class Cifar10Classifier(kserve.Model):
             network, self.card = load_model(self.settings.model_dir)
             self.version = self.card.get("weights_sha256", "")[:12]
         self.temperature = float(self.card.get("temperature", 1.0))
-        self.runner = InferenceEngine(network, self.settings.device, self.settings.precision, self.settings.max_batch_size,
-                                      self._calibration_images(), self.settings.compile)
+        self.runner = build_engine(network, self.card, None if self.settings.random_weights else self.settings.model_dir,
+                                   engine=self.settings.engine, device=self.settings.device,
+                                   precision=self.settings.precision, max_batch_size=self.settings.max_batch_size,
+                                   threads=self.settings.intra_op_threads or usable_cores(),
+                                   compile=self.settings.compile, calibration=self._calibration_images())
         self.batcher = DynamicBatcher(self.runner.logits, self.settings.max_batch_size, self.settings.max_batch_delay_ms,
                                      self.settings.max_queue_images, Drain.calls_in_flight)
         self.runner.logits(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # proves the pass; raises if broken
@@ -213,7 +218,8 @@ class Cifar10Classifier(kserve.Model):
     def metadata(self) -> dict:
         runner = self.runner
         return {"name": self.name, "version": self.version, "classes": list(CLASSES),
-                "device": runner.device.type if runner else None, "precision": runner.precision if runner else None,
+                "device": runner.device_type if runner else None, "engine": runner.name if runner else None,
+                "precision": runner.precision if runner else None,
                 "compiled": runner.compiled if runner else None,
                 "load_seconds": runner.startup_seconds if runner else None,
                 "temperature": self.temperature, "max_batch_size": self.settings.max_batch_size}
