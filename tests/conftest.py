@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = Path(__file__).resolve().parent / "images"
+HOLDOUT = Path(__file__).resolve().parent / "data" / "holdout.tar.gz"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 MODEL_NAME = "cifar10-resnet18"
 
@@ -24,17 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Servers start in seconds on the eager fp32 path unless a test asks for a precision; the compiled
-# bf16/int8 paths (minutes of compilation on 2 cores) have their own tests in test_fastpath.py.
-EAGER_FP32 = ("--precision", "fp32", "--compile", "false")
-
-
 class Server:
-    """A running `python -m predictor` process and an HTTP client bound to it."""
+    """A running `python -m predictor` process, with the defaults that ship unless `args` say otherwise
+    (on a CPU: the ONNX Runtime int8 engine), and an HTTP client bound to it."""
 
     def __init__(self, *args: str, env: dict | None = None, timeout: float = 180):
-        if "--precision" not in args:
-            args = (*EAGER_FP32, *args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"predictor-test-{self.port}.log"
@@ -109,7 +105,34 @@ def cifar_jpegs() -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(IMAGES.glob("*.jpg"))}
 
 
+@pytest.fixture(scope="session")
+def holdout() -> list[tuple[bytes, int]]:
+    """2,000 held-out CIFAR-10 JPEGs (validation split, never trained or calibrated on) with their labels."""
+    from predictor.network import CLASSES
+
+    with tarfile.open(HOLDOUT) as tar:
+        return [(tar.extractfile(member).read(), CLASSES.index(member.name.split("/")[0]))
+                for member in tar.getmembers() if member.isfile()]
+
+
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
+
+
+# -- the image suite -------------------------------------------------------------------------------
+# Tests marked `image` run the built container image (tests/test_image.py, `make test-image`). They
+# are deselected unless the -m expression names them, so `make test` / plain `pytest` never need an
+# image, podman or root.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "image: runs the built container image (make test-image; selected by -m image)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if "image" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("image")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("image")]
