@@ -1,7 +1,10 @@
 """`python -m predictor`: KServe's ModelServer serving the CIFAR-10 classifier on port 8080."""
 
+import argparse
 import logging
+import os
 import sys
+import tempfile
 
 
 def _docs_on_by_default() -> None:
@@ -11,7 +14,18 @@ def _docs_on_by_default() -> None:
         sys.argv[1:1] = ["--enable_docs_url", "true"]
 
 
+def _metrics_across_workers() -> None:
+    # With several worker processes, prometheus_client must count in shared files, and it picks its
+    # storage when first imported (kserve imports it): so decide before importing kserve. Workers
+    # are spawned with this environment.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--workers", type=int, default=1)
+    if pre.parse_known_args()[0].workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="predictor-metrics-")
+
+
 _docs_on_by_default()
+_metrics_across_workers()
 
 from kserve import model_server  # noqa: E402
 
@@ -19,6 +33,7 @@ from .config import build_parser, settings_from  # noqa: E402
 from .engine import EngineError  # noqa: E402
 from .model import Cifar10Classifier  # noqa: E402
 from .weights import WeightsError  # noqa: E402
+from .workers import use_patient_workers  # noqa: E402
 
 log = logging.getLogger("predictor")
 
@@ -48,6 +63,8 @@ def main() -> None:
              f"{len(settings.api_keys)} configured" if settings.api_keys.enabled else "off (no keys configured)",
              f"{settings.rate_limit_per_minute}/min per caller" if settings.rate_limit_per_minute else "off",
              settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
+    if args.workers > 1:
+        use_patient_workers()
     # KServe hands grace_period to uvicorn as its graceful-shutdown timeout: the drain window.
     model_server.ModelServer(grace_period=settings.drain_timeout_s).start([model])
 

@@ -46,8 +46,8 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="largest width or height accepted, checked before decoding [env MAX_IMAGE_SIDE]")
     add("--decode_threads", type=int, default=_env("DECODE_THREADS", 2, int), help="image decoding threads [env DECODE_THREADS]")
     add("--intra_op_threads", type=int, default=_env("INTRA_OP_THREADS", 0, int),
-        help="threads of one forward pass (ONNX Runtime or torch); 0: one per usable core (affinity, cgroup CPU "
-             "limit) [env INTRA_OP_THREADS]")
+        help="threads of one forward pass (ONNX Runtime or torch); 0: the usable cores (affinity, cgroup CPU "
+             "limit) divided among the --workers [env INTRA_OP_THREADS]")
     add("--engine", default=_env("ENGINE", "auto"), choices=["auto", "onnx", "torch"],
         help="onnx: ONNX Runtime with the shipped int8 graph (CPU; no compiler, no compile time); torch: CUDA and every "
              "CPU precision; auto: onnx on the CPU for precision auto/int8, else torch [env ENGINE]")
@@ -111,4 +111,5 @@ def settings_from(args: argparse.Namespace) -> Settings:
         drain_timeout_s=args.drain_timeout_s, api_keys=load_api_keys(args),
         rate_limit_per_minute=args.rate_limit_per_minute, trust_forwarded_for=args.trust_forwarded_for,
         engine=args.engine, precision=args.precision, compile=args.compile, intra_op_threads=args.intra_op_threads,
+        workers=args.workers,
     )

@@ -1,6 +1,13 @@
-"""Prometheus metrics: the seed's api_* names plus batching internals (KServe adds its own)."""
+"""Prometheus metrics: the seed's api_* names plus batching internals (KServe adds its own).
 
-from prometheus_client import Counter, Gauge, Histogram
+With `--workers N` (N > 1) every worker process counts in files under PROMETHEUS_MULTIPROC_DIR (set by
+`python -m predictor` before prometheus_client is imported), and `/metrics` sums them: a scrape sees
+the replica, whichever worker answers it.
+"""
+
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, exposition, multiprocess
 
 # 1 ms .. 10 s, roughly x2 per step, so p50..p99 resolve from a fast CPU hit to a queued GPU batch.
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -16,6 +23,17 @@ LATENCY = Histogram(
 BATCH_SIZE = Histogram(
     "predictor_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
-QUEUE_DEPTH = Gauge("predictor_queue_depth", "Images admitted and waiting for a forward pass")
+QUEUE_DEPTH = Gauge("predictor_queue_depth", "Images admitted and waiting for a forward pass",
+                    multiprocess_mode="livesum")
 FORWARD_FAILURES = Counter("predictor_forward_failures_total", "Forward passes that raised (their requests got 500)")
 SHED = Counter("predictor_shed_requests_total", "Requests refused with 503 because the replica was saturated (calls in flight or batch queue at their limit)")
+
+
+def exposition_of(accept: str | None) -> tuple[bytes, str]:
+    """(body, content type) of a scrape: this process's registry, or every worker's files summed."""
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    encoder, content_type = exposition.choose_encoder(accept)
+    return encoder(registry), content_type

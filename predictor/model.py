@@ -55,7 +55,8 @@ class Settings:
     engine: str = "auto"
     precision: str = "auto"
     compile: bool = True
-    intra_op_threads: int = 0  # 0: one per usable core
+    intra_op_threads: int = 0  # 0: the usable cores shared out among the worker processes
+    workers: int = 1
 
 
 @dataclass
@@ -104,7 +105,7 @@ class Cifar10Classifier(kserve.Model):
         self.runner = build_engine(network, self.card, None if self.settings.random_weights else self.settings.model_dir,
                                    engine=self.settings.engine, device=self.settings.device,
                                    precision=self.settings.precision, max_batch_size=self.settings.max_batch_size,
-                                   threads=self.settings.intra_op_threads or usable_cores(),
+                                   threads=self.settings.intra_op_threads or max(1, usable_cores() // self.settings.workers),
                                    compile=self.settings.compile, calibration=self._calibration_images())
         self.batcher = DynamicBatcher(self.runner.logits, self.settings.max_batch_size, self.settings.max_batch_delay_ms,
                                      self.settings.max_queue_images, Drain.calls_in_flight)

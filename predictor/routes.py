@@ -8,12 +8,13 @@ import logging
 import warnings
 from contextlib import asynccontextmanager
 
-from fastapi import File, Query, Request, UploadFile
+from fastapi import File, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from kserve import errors as kserve_errors
 from kserve.model_server import app
 from starlette.exceptions import HTTPException
 
+from . import metrics
 from .errors import ApiError, error_response
 from .drain import Drain
 from .guard import RequestGuard
@@ -80,6 +81,14 @@ async def health():
     if model is None or not (model.ready and model.forward_ok):
         return error_response(503, "model_not_ready", "The model is not loaded yet.")
     return {"status": "healthy", "model_loaded": True, **model.metadata}
+
+
+@app.get("/metrics", tags=["metrics"], summary="Prometheus metrics of this replica (every worker process)",
+         include_in_schema=False)
+async def prometheus_metrics(request: Request):
+    # Registered before KServe adds its own /metrics (which reads only the answering worker), so it wins.
+    body, content_type = metrics.exposition_of(request.headers.get("accept"))
+    return Response(content=body, headers={"content-type": content_type})
 
 
 # -- error format: every failure is {"error": {"code", "message"}} ----------------------------------

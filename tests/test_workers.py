@@ -1,0 +1,72 @@
+"""`--workers 2`: every route is served by the worker processes, the load spreads over them, and
+`/metrics` counts the whole replica whichever worker answers the scrape."""
+
+import base64
+import concurrent.futures
+import re
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from .conftest import MODEL_NAME, Server
+
+REQUESTS = 60
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    metrics_dir = tmp_path_factory.mktemp("metrics")
+    server = Server("--workers", "2", "--rate_limit_per_minute", "0", env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+                    timeout=300)
+    server.metrics_dir = metrics_dir
+    yield server
+    server.stop()
+
+
+def test_every_route_is_served_by_the_workers(two_workers, cifar_jpegs):
+    url, (name, data) = two_workers.url, next(iter(cifar_jpegs.items()))
+    pixels = np.zeros((1, 32, 32, 3), np.uint8).ravel().tolist()
+    with httpx.Client(base_url=url, timeout=60) as client:
+        assert client.get("/health").json()["status"] == "healthy"
+        assert client.get("/docs").status_code == 200
+        assert client.post("/classify/image", files={"file": (name, data, "image/jpeg")}).json()["predicted_class"]
+        assert len(client.post("/classify/batch", files=[("files", data), ("files", data)]).json()["results"]) == 2
+        assert client.post(f"/v1/models/{MODEL_NAME}:predict",
+                           json={"instances": [{"image": {"b64": base64.b64encode(data).decode()}}]}
+                           ).status_code == 200
+        v2 = client.post(f"/v2/models/{MODEL_NAME}/infer", json={"inputs": [
+            {"name": "input-0", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": pixels}]})
+        assert v2.status_code == 200, v2.text
+        assert client.post("/classify/image", files={"file": ("x.jpg", b"not an image", "image/jpeg")}).status_code == 415
+
+
+def scraped_total(url: str, endpoint: str) -> float:
+    # A new connection per scrape, so scrapes land on either worker.
+    text = httpx.get(f"{url}/metrics", headers={"Connection": "close"}, timeout=30).text
+    return sum(float(value) for value in re.findall(
+        rf'^api_requests_total\{{[^}}]*endpoint="{re.escape(endpoint)}"[^}}]*\}} (\S+)$', text, re.M))
+
+
+def counted(path, endpoint: str) -> float:
+    """The classify calls one process's counter file holds."""
+    return sum(sample.value for metric in MultiProcessCollector.merge([str(path)]) for sample in metric.samples
+               if sample.name == "api_requests_total" and sample.labels.get("endpoint") == endpoint)
+
+
+def test_metrics_count_every_worker(two_workers, cifar_jpegs):
+    images = list(cifar_jpegs.values())
+    before = scraped_total(two_workers.url, "/classify/image")
+
+    def one(i: int) -> int:  # a connection per call: the kernel spreads the accepts over the workers
+        return httpx.post(f"{two_workers.url}/classify/image", files={"file": images[i % len(images)]},
+                          headers={"Connection": "close"}, timeout=60).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(REQUESTS))) == {200}
+    # Both workers counted some of them (each process writes its own file), so one worker's count is short.
+    served_by = [path for path in two_workers.metrics_dir.glob("counter_*.db") if counted(path, "/classify/image")]
+    assert len(served_by) >= 2, served_by
+    for _ in range(6):
+        assert scraped_total(two_workers.url, "/classify/image") - before == REQUESTS
