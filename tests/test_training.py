@@ -73,7 +73,8 @@ def test_train_resume_export_and_evaluate(tiny_dataset, tmp_path, capsys):
     assert (tmp_path / "eval/confusion_matrix.png").stat().st_size > 1000
 
     # ... and so does evaluating a live server over HTTP.
-    server = Server("--model_dir", str(tmp_path / "straight/out"))
+    # (no int8 graph or calibration set in this directory: the torch engine serves it, eager like the evaluation above)
+    server = Server("--model_dir", str(tmp_path / "straight/out"), "--compile", "false")
     try:
         evaluate.main(["--data", str(tiny_dataset), "--model_dir", str(tmp_path / "straight/out"),
                        "--url", server.url, "--out", str(tmp_path / "eval-http")])
