@@ -42,4 +42,8 @@ def health():
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8090)
-    uvicorn.run(app, host="127.0.0.1", port=parser.parse_args().port, log_level="warning")
+    parser.add_argument("--torch-threads", type=int, default=0, help="intra-op threads per forward; 0: torch's default")
+    args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

@@ -2,18 +2,24 @@
 
     python bench/run.py --seconds 15 --concurrency 1 8 32 64 256
 
-Both servers run at once (an idle one costs nothing); each concurrency level is measured on the
-predictor (default settings: precision auto, compiled at load; rate limit off) and then on the
-baseline, so drift of the machine hits both alike. Then the model alone, per precision, at batch 1
-and at the served batch size. Writes bench/results/bench.json and bench/results/bench.png and
-prints Markdown tables.
+All servers run at once (an idle one costs nothing); each concurrency level is measured on each
+server in turn, so drift of the machine hits all alike:
+- predictor: the defaults (on a CPU: ONNX Runtime int8; rate limit off), started with empty caches;
+- predictor, torch fp32 eager: the same server with the seed's arithmetic (separates what batching
+  and the server gain from what quantization gains);
+- seed-style baseline: one fp32 forward per request in FastAPI's thread pool, torch's default threads,
+  and the same with one intra-op thread per request thread (no oversubscription of the cores).
+Then the model alone, per engine and precision, at batch 1 and at the served batch size. Writes
+bench/results/bench.json and bench/results/bench.png and prints Markdown tables.
 """
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,18 +32,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
-from predictor.engine import InferenceEngine  # noqa: E402
+from predictor.engine import InferenceEngine, usable_cores  # noqa: E402
+from predictor.onnx_engine import OnnxEngine, onnx_int8_path  # noqa: E402
 from predictor.quantize import calibration_images  # noqa: E402
 from predictor.weights import PACKAGED_DIR, load_model  # noqa: E402
 
 
-def start(command: list[str], health_url: str) -> subprocess.Popen:
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 900  # compilation at load takes minutes on 2 cores
+def start(command: list[str], health_url: str, env: dict | None = None) -> tuple[subprocess.Popen, float]:
+    """(process, seconds from exec to /health 200)."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})})
+    deadline = started + 900  # torch compilation at load takes minutes on 2 cores
     while time.monotonic() < deadline:
         try:
             if httpx.get(health_url, timeout=2).status_code == 200:
-                return process
+                return process, round(time.monotonic() - started, 1)
         except httpx.TransportError:
             pass
         if process.poll() is not None:
@@ -47,12 +57,18 @@ def start(command: list[str], health_url: str) -> subprocess.Popen:
     raise SystemExit(f"{command} not ready")
 
 
-def model_only(precision: str, compile: bool, batch: int, seconds: float, device: str = "cpu") -> dict:
-    """The engine alone at one precision: batch-1 latency and full-batch images/s, plus its load time."""
+def model_only(spec: str, batch: int, seconds: float, device: str = "cpu") -> dict:
+    """One engine alone (spec `onnx-int8`, or a torch `PRECISION` compiled / `PRECISION:eager`):
+    batch-1 latency and full-batch images/s, plus its load time."""
     network, card = load_model(PACKAGED_DIR)
-    calibration = calibration_images(PACKAGED_DIR, card) if precision == "int8" else None
-    engine = InferenceEngine(network, device, precision, batch, calibration, compile)
-    row = {"device": device, "precision": precision, "compiled": engine.compiled, "load_seconds": engine.startup_seconds}
+    if spec == "onnx-int8":
+        engine = OnnxEngine(onnx_int8_path(PACKAGED_DIR, card), batch, usable_cores())
+    else:
+        precision = spec.split(":")[0]
+        calibration = calibration_images(PACKAGED_DIR, card) if precision == "int8" else None
+        engine = InferenceEngine(network, device, precision, batch, calibration, not spec.endswith(":eager"))
+    row = {"device": engine.device_type, "engine": engine.name, "precision": engine.precision,
+           "compiled": engine.compiled, "load_seconds": engine.startup_seconds}
     for size, key in ((1, "batch1_ms"), (batch, "full_batch_images_per_second")):
         images = np.random.default_rng(0).integers(0, 256, (size, 32, 32, 3), dtype=np.uint8)
         for _ in range(3):
@@ -103,27 +119,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64, 256])
-    parser.add_argument("--precisions", nargs="+", default=["fp32:eager", "fp32", "bf16", "int8"],
-                        help="model-only rows: PRECISION (compiled) or PRECISION:eager")
+    parser.add_argument("--precisions", nargs="+", default=["onnx-int8", "fp32:eager", "fp32", "int8"],
+                        help="model-only rows: onnx-int8, or a torch PRECISION (compiled) or PRECISION:eager")
     parser.add_argument("--device", default="cpu", help="device of the model-only rows (the server's: --server-args --device)")
     parser.add_argument("--batch", type=int, default=32, help="full batch of the model-only rows (the server's max_batch_size)")
     parser.add_argument("--server-args", nargs="*", default=[], help="extra predictor flags, e.g. --precision bf16")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
 
-    predictor_port, baseline_port = 18180, 18190
-    servers = {
-        "predictor": (start([sys.executable, "-m", "predictor", "--http_port", str(predictor_port), "--enable_grpc", "false",
-                             "--rate_limit_per_minute", "0", *args.server_args],
-                            f"http://127.0.0.1:{predictor_port}/health"), f"http://127.0.0.1:{predictor_port}/classify/image"),
-        "seed-style baseline": (start([sys.executable, "bench/baseline_server.py", "--port", str(baseline_port)],
-                                      f"http://127.0.0.1:{baseline_port}/health"), f"http://127.0.0.1:{baseline_port}/classify/image"),
+    def predictor(port: int, *flags: str, env: dict | None = None) -> tuple[subprocess.Popen, float]:
+        return start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
+                      "--rate_limit_per_minute", "0", *flags], f"http://127.0.0.1:{port}/health", env)
+
+    def baseline(port: int, *flags: str) -> tuple[subprocess.Popen, float]:
+        return start([sys.executable, "bench/baseline_server.py", "--port", str(port), *flags],
+                     f"http://127.0.0.1:{port}/health")
+
+    caches = tempfile.mkdtemp(prefix="bench-caches-")  # a new pod on a new node: nothing cached
+    launch = {
+        "predictor": (18180, lambda: predictor(18180, *args.server_args,
+                                                env={"TORCHINDUCTOR_CACHE_DIR": caches, "TRITON_CACHE_DIR": caches})),
+        "predictor, torch fp32 eager": (18181, lambda: predictor(18181, "--engine", "torch", "--precision", "fp32",
+                                                                 "--compile", "false", *args.server_args)),
+        "seed-style baseline": (18190, lambda: baseline(18190)),
+        "seed-style baseline, 1 torch thread": (18191, lambda: baseline(18191, "--torch-threads", "1")),
     }
-    served = served_engine(f"http://127.0.0.1:{predictor_port}")
+    servers, start_to_ready = {}, {}
+    for name, (port, launcher) in launch.items():
+        process, start_to_ready[name] = launcher()
+        servers[name] = (process, f"http://127.0.0.1:{port}/classify/image")
+    served = served_engine("http://127.0.0.1:18180")
     images = load_images(20)
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                           f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
                "seconds_per_point": args.seconds, "predictor_serves": served,
+               "start_to_ready_seconds": start_to_ready,
                "servers": {name: [] for name in servers}}
     try:
         for concurrency in args.concurrency:
@@ -137,10 +167,9 @@ def main() -> None:
         for process, _ in servers.values():
             process.terminate()
             process.wait(30)
-    results["model_only"] = [model_only(spec.split(":")[0], not spec.endswith(":eager"), args.batch, args.seconds, args.device)
-                             for spec in args.precisions]
-    served_row = next((r for r in results["model_only"] if r["precision"] == served["precision"]
-                       and r["compiled"] == served["compiled"]), None)
+    results["model_only"] = [model_only(spec, args.batch, args.seconds, args.device) for spec in args.precisions]
+    served_row = next((r for r in results["model_only"] if r["engine"] == served["engine"]
+                       and r["precision"] == served["precision"] and r["compiled"] == served["compiled"]), None)
     results["model_only_images_per_second"] = served_row["full_batch_images_per_second"] if served_row else float("nan")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -149,9 +178,15 @@ def main() -> None:
     print(f"\n| model only ({args.device}) | batch 1 ms | batch {args.batch} img/s | load s |")
     print("|---|---|---|---|")
     for r in results["model_only"]:
-        print(f"| {r['precision']}{' compiled' if r['compiled'] else ' eager'} | {r['batch1_ms']} | "
+        print(f"| {r['engine']} {r['precision']}{' compiled' if r['compiled'] else ''} | {r['batch1_ms']} | "
               f"{r['full_batch_images_per_second']} | {r['load_seconds']} |")
-    print(f"\npredictor serves {results['predictor_serves']}\n")
+    print(f"\npredictor serves {results['predictor_serves']}")
+    print(f"start to /health 200 (s): {start_to_ready}\n")
+    baseline_rows = {r["concurrency"]: r for r in results["servers"]["seed-style baseline"]}
+    for r in results["servers"]["predictor"]:
+        print(f"c={r['concurrency']}: predictor / seed-style baseline = {r['throughput'] / baseline_rows[r['concurrency']]['throughput']:.2f}x, "
+              f"HTTP / model alone = {r['throughput'] / results['model_only_images_per_second']:.0%}")
+    print()
     print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | shed (503) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, rows in results["servers"].items():
