@@ -732,3 +732,11 @@ def test_the_guides_yaml_examples_validate():
                 validate_object(obj)
             continue
         validate_object(obj)
+
+
+def test_a_gpu_pod_asks_for_cuda_and_a_cpu_pod_for_the_onnx_engine():
+    gpu = env_of(predictor_container(render(sets=("gpu.enabled=true",))))
+    assert gpu["DEVICE"] == "cuda" and gpu["ENGINE"] == "auto"  # auto on CUDA is torch; no GPU there stops the pod
+    cpu = env_of(predictor_container(render(sets=("gpu.enabled=false",))))
+    assert cpu["DEVICE"] == "auto" and cpu["ENGINE"] == "auto" and cpu["INTRA_OP_THREADS"] == "0"
+    assert env_of(predictor_container(render(sets=("gpu.enabled=true", "model.device=cpu"))))["DEVICE"] == "cpu"

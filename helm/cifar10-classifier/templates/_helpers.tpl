@@ -123,6 +123,14 @@ sleep, the predictor's drain (DRAIN_TIMEOUT_S) and a margin for the exit.
 TRUST_FORWARDED_FOR: with `auto`, true when the chart's Istio route (or Gateway) is in front of
 the predictor, where the peer address is the gateway's and the client's is in X-Forwarded-For.
 */}}
+{{/*
+The predictor's DEVICE: with gpu.enabled, `auto` becomes `cuda`, so a pod that holds a GPU but cannot
+use it stops with a clear error instead of quietly serving on the CPU.
+*/}}
+{{- define "cifar10.device" -}}
+{{- if and .Values.gpu.enabled (eq .Values.model.device "auto") -}}cuda{{- else -}}{{ .Values.model.device }}{{- end -}}
+{{- end }}
+
 {{- define "cifar10.trustForwardedFor" -}}
 {{- $v := .Values.rateLimit.trustForwardedFor }}
 {{- if eq (toString $v) "auto" }}
