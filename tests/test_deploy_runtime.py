@@ -1,10 +1,10 @@
-"""The chart's promises, checked against a running predictor and a real Prometheus.
+"""The chart's promises, checked against a real predictor process and a real Prometheus.
 
-Contract: the chart is rendered, and the predictor, installed the way the Dockerfile installs it
-(deploy_common.image_install), is started with exactly the kserve-container's args, env and port.
-Every probe path answers 200 on that port, the VirtualService's paths are served, NOTES.txt's
-curl commands work, and every metric the PrometheusRule, the dashboard and the KEDA query use is
-on /metrics.
+Contract: the chart is rendered, and the predictor from this project's venv (`python -m predictor`,
+not the container image: tests/test_image.py runs the image itself as the chart's pod) is started
+in an empty working folder with exactly the kserve-container's args, env and port. Every probe
+path answers 200 on that port, the VirtualService's paths are served, NOTES.txt's curl commands
+work, and every metric the PrometheusRule, the dashboard and the KEDA query use is on /metrics.
 
 Monitoring: Debian's Prometheus (2.42) scrapes the predictor as the PodMonitor says (path, port,
 interval, job label) and evaluates the PrometheusRule's groups. After real traffic, the seed's
@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,8 +32,8 @@ import pytest
 import yaml
 
 from .conftest import IMAGES, free_port, stop_process
-from .deploy_common import (CHART, NAMESPACE, PROMETHEUS, PROMTOOL, RELEASE, image_install, one, predictor_container,
-                            render, render_notes, run, tool)
+from .deploy_common import (CHART, NAMESPACE, PROMETHEUS, PROMTOOL, RELEASE, one, predictor_container, render,
+                            render_notes, run, tool)
 
 # The seed's three PromQL queries (request rate, p95 latency, error rate), as written.
 SEED_QUERIES = (
@@ -43,12 +44,13 @@ SEED_QUERIES = (
 # Form field of each routed path.
 FORM_FIELDS = {"/classify/image": "file", "/classify/batch": "files"}
 PREDICTOR_ENV = ("STORAGE_URI", "MODEL_DIR", "MODEL_NAME", "DEVICE", "MAX_BATCH_SIZE", "MAX_BATCH_DELAY_MS",
-                 "MAX_BATCH_FILES", "MAX_BODY_BYTES", "MAX_IMAGE_SIDE", "DECODE_THREADS", "TORCH_THREADS", "PRECISION",
+                 "MAX_BATCH_FILES", "MAX_BODY_BYTES", "MAX_IMAGE_SIDE", "DECODE_THREADS", "INTRA_OP_THREADS", "ENGINE", "PRECISION",
                  "MAX_QUEUE_IMAGES", "REQUEST_TIMEOUT_S", "DRAIN_TIMEOUT_S", "RATE_LIMIT_PER_MINUTE", "TRUST_FORWARDED_FOR",
                  "API_KEYS", "API_KEYS_FILE", "TORCHINDUCTOR_CACHE_DIR")
 # The module sends a few hundred requests from one address within a minute (traffic, scrapes):
 # the chart's per-client rate limit (100/min) is lifted through its own value for the contract.
-CONTRACT_SETS = ("rateLimit.perMinute=0",)
+# This machine has no GPU: the pod the chart renders for a CPU node (a GPU pod stops here, as it must).
+CONTRACT_SETS = ("rateLimit.perMinute=0", "gpu.enabled=false")
 # The live Prometheus: scrape every second, and alert at once on any error or latency.
 LIVE_SETS = ("monitoring.podMonitor.interval=1s", "monitoring.podMonitor.scrapeTimeout=1s",
              "monitoring.prometheusRule.errorRate.threshold=0", "monitoring.prometheusRule.errorRate.for=0s",
@@ -81,7 +83,8 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.5):
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
-    """The predictor as the chart's default InferenceService runs it."""
+    """The predictor process with the chart's default InferenceService args, env and port (the
+    project venv's python; the image runs in tests/test_image.py)."""
     # The chart's port (8080), unless something on this machine holds it: then the chart is
     # rendered with another containerPort, and everything below follows the rendered value.
     sets = CONTRACT_SETS if port_is_free(8080) else (*CONTRACT_SETS, f"containerPort={free_port()}")
@@ -89,8 +92,7 @@ def deployed(tmp_path_factory):
     container = predictor_container(objects)
     port = container["ports"][0]["containerPort"]
     env = {e["name"]: e["value"] for e in container["env"]}
-    venv = image_install()
-    workdir = tmp_path_factory.mktemp("app")  # the image's empty WORKDIR
+    workdir = tmp_path_factory.mktemp("app")  # an empty working folder, as the image's WORKDIR
     # The pod's /tmp is an emptyDir of its own: paths under it (torch.compile's cache) go to a
     # private folder here, not to this machine's shared /tmp.
     pod_tmp = tmp_path_factory.mktemp("pod-tmp")
@@ -98,7 +100,7 @@ def deployed(tmp_path_factory):
     log_path = workdir.parent / "predictor.log"
     log = open(log_path, "w")
     base_env = {k: v for k, v in os.environ.items() if k not in PREDICTOR_ENV}
-    process = subprocess.Popen([str(venv / "bin" / "python"), "-m", "predictor", *container["args"]], cwd=workdir,
+    process = subprocess.Popen([sys.executable, "-m", "predictor", *container["args"]], cwd=workdir,
                                env={**base_env, **env}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=url, timeout=60)
