@@ -22,7 +22,7 @@ from bench.run import load_images, start  # noqa: E402
 
 # First matching marker in a stack (innermost frame first) names its stage.
 STAGES = [
-    ("forward pass (torch)", ("engine.py", "torch/", "_inductor", "torchao")),
+    ("forward pass (ONNX Runtime or torch)", ("engine.py", "onnxruntime", "torch/", "_inductor", "torchao")),
     ("image decode + resize (PIL)", ("imaging.py", "PIL/")),
     ("multipart / form parsing", ("multipart", "formparsers", "python_multipart")),
     ("batching, pre/postprocess", ("batcher.py", "model.py", "payloads.py")),
@@ -51,8 +51,8 @@ def main() -> None:
                         help="the table; py-spy's raw samples go next to it as profile-c<N>.raw")
     args = parser.parse_args()
     port = 18380
-    server = start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
-                    "--rate_limit_per_minute", "0", *args.server_args], f"http://127.0.0.1:{port}/health")
+    server, _ = start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
+                       "--rate_limit_per_minute", "0", *args.server_args], f"http://127.0.0.1:{port}/health")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     raw = args.out.with_name(f"profile-c{args.concurrency}.raw")
     try:
