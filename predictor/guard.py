@@ -1,8 +1,10 @@
 """The HTTP guard in front of every route: drain, API keys, rate limit, body limit, deadline, metrics.
 
-A pure-ASGI middleware, so it sees each request before FastAPI parses anything, in this order:
+A pure-ASGI middleware, so it sees each request before FastAPI parses anything. Every prediction
+call, whatever its protocol (multipart, v1, v2 JSON, v2 binary), passes the same gates in this order:
 refuse while draining (503) -> authenticate (401) -> rate-limit (429) -> shed when the replica is
-saturated (503) -> refuse oversized bodies (413) -> run the route under the request deadline (504)
+saturated (503) -> refuse a declared oversized body (413) -> count it in flight and run it under the
+request deadline (504), its body read (and, streamed, cut off at the limit: 413) inside that deadline
 -> record api_* metrics.
 """
 
@@ -62,6 +64,8 @@ class RequestGuard:
             return await error_response(404, "not_found", "The model repository API is not served by this predictor.")(
                 scope, receive, send)
         endpoint = prediction_endpoint(scope["path"])
+        if endpoint is None:
+            return await self._other(scope, receive, send, settings.max_body_bytes)
         started = time.perf_counter()
         status = {"code": 500, "started": False}
         extra_headers: list[tuple[bytes, bytes]] = []
@@ -74,31 +78,58 @@ class RequestGuard:
             await send(message)
 
         try:
-            refusal = self._refusal(scope, settings, extra_headers) if endpoint else None
-            if refusal is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                receive, refusal = await self._limit_body(scope, receive, settings.max_body_bytes)
+            refusal = self._refusal(scope, settings, extra_headers)
+            if refusal is None:
+                refusal = self._declared_too_large(scope, settings.max_body_bytes)
             if refusal is not None:
                 await refusal(scope, receive, send_and_record)
-            elif endpoint is None:
-                await self.app(scope, receive, send_and_record)
             else:
-                await self._admitted(scope, receive, send_and_record, status, settings.request_timeout_s)
+                await self._admitted(scope, receive, send_and_record, status, settings)
         finally:
-            if endpoint is not None:
-                metrics.REQUESTS.labels(endpoint, "success" if status["code"] < 400 else "error", str(status["code"])).inc()
-                metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+            metrics.REQUESTS.labels(endpoint, "success" if status["code"] < 400 else "error", str(status["code"])).inc()
+            metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _admitted(self, scope, receive, send, status: dict, timeout_s: float) -> None:
-        """Run an admitted prediction call to completion, or answer 504 once its deadline passes."""
+    async def _other(self, scope, receive, send, limit: int) -> None:
+        """Any other route (probes, metadata, metrics, docs): only the body limit applies."""
+        refusal = self._declared_too_large(scope, limit) if scope["method"] in ("POST", "PUT", "PATCH") else None
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, self._counting(receive, limit), send_tracked)
+        except ApiError as exc:  # the streamed body passed the limit outside FastAPI's own error handling
+            if started:
+                raise
+            await exc.response()(scope, receive, send)
+
+    async def _admitted(self, scope, receive, send, status: dict, settings) -> None:
+        """Run an admitted prediction call, counted in flight, under its deadline: its body (streamed
+        in, cut off at the size limit; a v2 binary body read whole and its framing checked first) and
+        the route. 504 once the deadline passes; the error of a refused body as JSON, never a 500."""
+        timeout_s = settings.request_timeout_s
         Drain.in_flight += 1
         try:
             async with asyncio.timeout(timeout_s):
+                receive = self._counting(receive, settings.max_body_bytes)
+                header_length = dict(scope["headers"]).get(b"inference-header-content-length")
+                if header_length is not None:
+                    receive = await self._screen_v2_binary(header_length, receive)
                 await self.app(scope, receive, send)
         except TimeoutError:
             if status["started"]:
                 raise
             await error_response(504, "deadline_exceeded", f"The request did not complete within {timeout_s:g} s.")(
                 scope, receive, send)
+        except ApiError as exc:
+            if status["started"]:
+                raise
+            await exc.response()(scope, receive, send)
         finally:
             Drain.in_flight -= 1
 
@@ -129,16 +160,14 @@ class RequestGuard:
             return overloaded(f"{Drain.in_flight} calls are already in flight (limit {settings.max_in_flight})").response()
         return None
 
-    async def _limit_body(self, scope, receive, limit: int):
-        """(receive for the app, refusal or None): 413 for a declared or streamed body over the limit."""
+    @staticmethod
+    def _declared_too_large(scope, limit: int):
+        """413 for a Content-Length over the limit, before anything is read; else None."""
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return receive, error_response(
+            return error_response(
                 413, "payload_too_large", f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes.")
-        receive = self._counting(receive, limit)
-        if dict(scope["headers"]).get(b"inference-header-content-length") is not None:
-            return await self._screen_v2_binary(scope, receive)
-        return receive, None
+        return None
 
     @staticmethod
     def _counting(receive, limit: int):
@@ -157,23 +186,28 @@ class RequestGuard:
         return counted
 
     @staticmethod
-    async def _screen_v2_binary(scope, receive):
-        """Read the (already size-limited) body of a v2 binary-data call and check its framing first.
+    async def _screen_v2_binary(header_length: bytes, receive):
+        """Read the (size-limited) body of a v2 binary-data call and check its framing before KServe parses it.
 
         KServe 0.21 answers inconsistent framing with a 500 and garbles BYTES sent this way, so both
-        are refused here with a 400. Returns (receive replaying the body for the app, refusal or None).
+        are refused here (ApiError, 400). Returns a receive replaying the body for the app. Runs
+        inside the call's deadline and in-flight count, like every other body read.
         """
         chunks, more = [], True
         while more:
             message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                raise ApiError(400, "invalid_request", "The request body ended before it was complete.")
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        problem = v2_binary_framing_error(header_length, body)
+        if problem is not None:
+            raise problem
 
         async def replay():
             nonlocal body
             message, body = {"type": "http.request", "body": body, "more_body": False}, b""
             return message
 
-        problem = v2_binary_framing_error(dict(scope["headers"])[b"inference-header-content-length"], body)
-        return replay, (None if problem is None else error_response(problem.status, problem.code, problem.message))
+        return replay

@@ -14,8 +14,10 @@ framing, 501 on model versions, the unauthenticated model-repository API): fixed
 import base64
 import io
 import json
+import re
 import socket
 import struct
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,11 +165,13 @@ def call(method: str, path: str, **kwargs) -> Send:
     return lambda t: t.http(method, path, **kwargs)
 
 
-def raw_post(path: str, body, content_type: str | None, *, length="auto", chunked: bool = False) -> Send:
-    """A hand-written POST: `length` is "auto" (the true Content-Length), None (no header) or a literal value."""
+def raw_post(path: str, body, content_type: str | None, *, length="auto", chunked: bool = False,
+             extra: tuple[str, ...] = ()) -> Send:
+    """A hand-written POST: `length` is "auto" (the true Content-Length), None (no header) or a literal value;
+    `extra`: more header lines."""
     def send(t: Target) -> Reply:
         payload = body() if callable(body) else body
-        lines = [f"POST {path} HTTP/1.1", "Host: predictor", "Connection: close"]
+        lines = [f"POST {path} HTTP/1.1", "Host: predictor", "Connection: close", *extra]
         if content_type is not None:
             lines.append(f"Content-Type: {content_type}")
         if chunked:
@@ -235,6 +239,17 @@ def binary_pixels(shape, size) -> list[dict]:
     return [{"name": "pixels", "datatype": "UINT8", "shape": shape, "parameters": {"binary_data_size": size}}]
 
 
+# A v2 binary-extension body with a fixed 200-byte JSON header (padded), so the header line is a constant.
+V2_BINARY_HEADER_BYTES = 200
+V2_BINARY_HEADERS = ("Inference-Header-Content-Length: 200",)
+
+
+def v2_binary_body(data_bytes: int, shape: list[int] | None = None) -> bytes:
+    """Consistent v2 binary framing: a UINT8 tensor of `data_bytes` bytes (of `shape`) after the JSON header."""
+    header = json.dumps({"inputs": binary_pixels(shape or [data_bytes], data_bytes)}).encode()
+    return header.ljust(V2_BINARY_HEADER_BYTES) + b"\0" * data_bytes
+
+
 # -- the table: (send, expected status, expected error code or None) ---------------------------------------
 def case(case_id: str, send: Send, status: int, code: str | None = None):
     return pytest.param(send, status, code, id=case_id)
@@ -290,6 +305,10 @@ HOSTILE = [
     case("oversized-v1-json-content-length", raw_post(V1, b'{"instances": [' + b" " * OVER_LIMIT + b"]}", "application/json"), 413, "payload_too_large"),
     case("oversized-v2-json-chunked", raw_post(V2, b'{"inputs": [' + b" " * OVER_LIMIT + b"]}", "application/json", chunked=True), 413, "payload_too_large"),
     case("oversized-v1-raw-image-chunked", raw_post(V1, b"\xff\xd8\xff" + b"\0" * OVER_LIMIT, "image/jpeg", chunked=True), 413, "payload_too_large"),
+    case("oversized-v2-binary-content-length", raw_post(V2, lambda: v2_binary_body(OVER_LIMIT), "application/octet-stream",
+                                                        extra=V2_BINARY_HEADERS), 413, "payload_too_large"),
+    case("oversized-v2-binary-chunked", raw_post(V2, lambda: v2_binary_body(OVER_LIMIT), "application/octet-stream", chunked=True,
+                                                 extra=V2_BINARY_HEADERS), 413, "payload_too_large"),
     # malformed multipart
     case("multipart-without-boundary", raw_post("/classify/image", WELL_FORMED, "multipart/form-data"), 400, "bad_request"),
     case("multipart-wrong-boundary", raw_post("/classify/image", WELL_FORMED, "multipart/form-data; boundary=ZZZ"), 400, "bad_request"),
@@ -531,3 +550,116 @@ def test_clients_cannot_unload_the_model(disposable_server):
     classified = disposable_server.client.post("/classify/image", files={"file": (CLEAN_NAME, JPEG, "image/jpeg")})
     assert unload.status_code == 404 and unload.json()["error"]["code"] == "not_found", unload.text
     assert still_healthy and classified.status_code == 200, classified.text
+
+
+# -- every protocol passes the same gates: deadline, in-flight limit, body limit (issue 16) ------------------
+# A server of its own: a 2 s deadline, 2 calls in flight at most, the default 10 MiB body limit.
+DEADLINE_S = 2
+
+
+@pytest.fixture(scope="module")
+def gated_server():
+    from .conftest import Server
+
+    server = Server("--request_timeout_s", str(DEADLINE_S), "--max_in_flight", "2", "--rate_limit_per_minute", "0")
+    yield server
+    server.stop()
+
+
+def request_head(path: str, content_type: str, length: int | None, *extra: str) -> bytes:
+    """The head of a POST: Content-Length `length`, or chunked when None."""
+    framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    return "\r\n".join([f"POST {path} HTTP/1.1", "Host: predictor", f"Content-Type: {content_type}", framing, *extra,
+                        "", ""]).encode()
+
+
+def held_upload(port: int, head: bytes, first_bytes: bytes) -> socket.socket:
+    """A connection that sent a request head and the start of its body; the rest never comes."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(head + first_bytes)
+    return sock
+
+
+def reply_on(sock: socket.socket) -> Reply:
+    """One whole response read from a raw socket (head and body may come in separate segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), f"no HTTP response: {data[:200]!r}"
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return Reply(int(head.split()[1]), body)
+
+
+V2_PIXELS = v2_binary_body(3072, [1, 32, 32, 3])  # one 32x32 RGB image, as binary data
+V1_JSON = json.dumps({"instances": [{"image": {"b64": b64(JPEG)}}]}).encode()
+V2_JSON = json.dumps({"inputs": [image_input([b64(JPEG)])]}).encode()
+TRICKLED = [
+    pytest.param(V2, "application/octet-stream", V2_PIXELS, V2_BINARY_HEADERS, id="v2-binary"),
+    pytest.param(V1, "application/json", V1_JSON, (), id="v1-json"),
+    pytest.param(V2, "application/json", V2_JSON, (), id="v2-json"),
+]
+
+
+def test_the_v2_binary_body_used_here_is_served(gated_server):
+    """The body the held-upload tests trickle is a valid call when sent whole."""
+    reply = Target(gated_server).raw(request_head(V2, "application/octet-stream", len(V2_PIXELS), *V2_BINARY_HEADERS,
+                                                  "Connection: close") + V2_PIXELS)
+    assert reply.status == 200, reply.body[:300]
+    assert reply.json()["outputs"][0]["shape"][0] == 1
+
+
+@pytest.mark.parametrize("path, content_type, body, extra", TRICKLED)
+def test_a_trickled_body_gets_504_at_the_deadline(gated_server, path, content_type, body, extra):
+    """A client that sends the head and a few bytes of its body, then nothing, is answered 504 at the
+    deadline, whatever the protocol (the v2 binary body was read before the deadline started: no answer
+    for as long as the client held it)."""
+    started = time.monotonic()
+    with held_upload(gated_server.port, request_head(path, content_type, len(body), *extra), body[:50]) as sock:
+        reply = reply_on(sock)
+    assert_json_error_5xx(reply, 504, "deadline_exceeded")
+    assert DEADLINE_S - 0.1 < time.monotonic() - started < DEADLINE_S + 4
+    assert gated_server.client.get("/health").status_code == 200
+
+
+def test_v2_binary_uploads_count_in_flight(gated_server):
+    """Two v2 binary uploads still sending fill --max_in_flight 2: a third v2 call is refused with 503
+    (it was served while the binary bodies were read outside the count); once the held two are cut off
+    at their deadline, calls are served again."""
+    head = request_head(V2, "application/octet-stream", len(V2_PIXELS), *V2_BINARY_HEADERS)
+    third = request_head(V2, "application/octet-stream", len(V2_PIXELS), *V2_BINARY_HEADERS, "Connection: close") + V2_PIXELS
+    target = Target(gated_server)
+    held = [held_upload(gated_server.port, head, V2_PIXELS[:50]) for _ in range(2)]
+    sent = time.monotonic()
+    try:
+        # The held calls are admitted as soon as the server has read their heads; poll for that, well
+        # inside their deadline (after it they are cut off and leave the count).
+        replies = [target.raw(third)]
+        while replies[-1].status != 503 and time.monotonic() - sent < DEADLINE_S / 2:
+            replies.append(target.raw(third))
+        assert_json_error_5xx(replies[-1], 503, "overloaded")
+        assert all(r.status == 200 for r in replies[:-1]), [r.status for r in replies]
+        for sock in held:
+            assert_json_error_5xx(reply_on(sock), 504, "deadline_exceeded")
+    finally:
+        for sock in held:
+            sock.close()
+    assert target.raw(third).status == 200
+
+
+def test_a_12mb_chunked_v2_binary_body_is_413(gated_server):
+    """Over the default 10 MiB limit without a Content-Length: cut off at the limit with 413 (was a 500)."""
+    send = raw_post(V2, lambda: v2_binary_body(12 * 2**20), "application/octet-stream", chunked=True, extra=V2_BINARY_HEADERS)
+    reply = send(Target(gated_server))
+    assert_json_error(reply, 413, "payload_too_large")
+    assert gated_server.client.get("/health").status_code == 200
+
+
+def assert_json_error_5xx(reply: Reply, status: int, code: str) -> None:
+    """Like assert_json_error, for the 5xx answers (deadline, overload)."""
+    assert reply.status == status, f"{reply.status}: {reply.body[:300]!r}"
+    body = reply.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code and body["error"]["message"], body
