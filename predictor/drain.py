@@ -1,9 +1,21 @@
-"""Shutdown and in-flight state shared by the HTTP guard (which admits calls) and the batcher."""
+"""Shutdown and in-flight state shared by the HTTP guard (which admits calls) and the batcher.
 
+What happens on SIGTERM, in order:
+1. `Drain.begin`: readiness and every new prediction call get 503 `shutting_down` (with
+   `Connection: close`), on new connections and on already-open keep-alive ones alike.
+2. The listener stays open and open connections stay up while admitted calls are in flight, so every
+   request that arrives meanwhile gets that answer instead of a connection closed with none.
+3. When no admitted call is left (or after --drain_timeout_s), the server's own handler (uvicorn's
+   graceful exit) runs: it closes the listener, closes idle connections, waits for the rest and exits.
+"""
+
+import asyncio
 import logging
 import signal
+import time
 
 log = logging.getLogger("predictor")
+_POLL_S = 0.05
 
 
 class Drain:
@@ -15,6 +27,7 @@ class Drain:
 
     draining = False
     in_flight = 0
+    _handing_over: "asyncio.Task | None" = None
 
     @classmethod
     def calls_in_flight(cls) -> int:
@@ -28,13 +41,49 @@ class Drain:
         log.info("SIGTERM: draining; readiness is now 503, %d admitted request(s) in flight", cls.in_flight)
 
     @classmethod
-    def chain_signal_handler(cls) -> None:
-        """Run `begin` first on SIGTERM, then whatever handler the server installed (uvicorn's graceful exit)."""
+    def chain_signal_handler(cls, timeout_s: float) -> None:
+        """On SIGTERM: `begin` at once; the handler the server installed (uvicorn's graceful exit) only
+        once the admitted calls are done, at most `timeout_s` later. A second SIGTERM hands over at once.
+
+        Call it from the running event loop, after the server has installed its handler.
+        """
+        loop = asyncio.get_running_loop()
         previous = signal.getsignal(signal.SIGTERM)
 
-        def on_sigterm(signum, frame):
-            cls.begin()
+        def hand_over(signum, frame) -> None:
             if callable(previous):
                 previous(signum, frame)
 
+        async def hand_over_when_drained(signum, frame) -> None:
+            deadline = time.monotonic() + timeout_s
+            while cls.in_flight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(_POLL_S)
+            if cls.in_flight > 0:
+                log.warning("drain: %d admitted request(s) still in flight after %g s; stopping anyway",
+                            cls.in_flight, timeout_s)
+                _shorten_server_grace(previous)
+            else:
+                log.info("drain: no admitted request left; closing the listener and idle connections")
+            hand_over(signum, frame)
+
+        def on_sigterm(signum, frame) -> None:
+            if cls.draining:
+                hand_over(signum, frame)
+                return
+            cls.begin()
+            # Signal handlers run between two bytecodes of the loop's thread: schedule, never await here.
+            loop.call_soon_threadsafe(cls._start_hand_over, loop, hand_over_when_drained(signum, frame))
+
         signal.signal(signal.SIGTERM, on_sigterm)
+
+    @classmethod
+    def _start_hand_over(cls, loop: asyncio.AbstractEventLoop, coroutine) -> None:
+        cls._handing_over = loop.create_task(coroutine)  # kept referenced until it is done
+
+
+def _shorten_server_grace(handler) -> None:
+    """The drain window is spent: let uvicorn wait at most one more second for the calls still running."""
+    server = getattr(handler, "__self__", None)
+    config = getattr(server, "config", None)
+    if config is not None and hasattr(config, "timeout_graceful_shutdown"):
+        config.timeout_graceful_shutdown = 1

@@ -155,7 +155,9 @@ async def _lifespan(_app):
     # back on top and have Starlette rebuild its middleware stack with them on the next request.
     install_error_handlers()
     app.middleware_stack = None
-    Drain.chain_signal_handler()  # the server's own SIGTERM handler is in place by now
+    # The server's own SIGTERM handler is in place by now; it runs once the admitted calls are done.
+    model = active_model()
+    Drain.chain_signal_handler(timeout_s=model.settings.drain_timeout_s if model is not None else 20)
     yield
     log.info("drained: %d admitted request(s) still in flight at exit", Drain.in_flight)
 
