@@ -1,4 +1,5 @@
 # The two commands the README gives: `make run` and `make test`.
+# The container image (image.mk): `make image`, `make run-image PORT=P`, `make test-image`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,6 +10,7 @@ DATA_DIR ?= .cache/cifar10
 .PHONY: install run test train train-gpu evaluate data bench soak
 
 include deploy.mk
+include image.mk
 
 install: $(VENV)/.installed
 

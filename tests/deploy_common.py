@@ -7,6 +7,7 @@ fails the tests with that hint, it never skips them.
 
 import copy
 import functools
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -292,46 +293,12 @@ def dockerignore_context() -> set[str]:
     return files
 
 
-@functools.lru_cache(maxsize=1)
-def image_install() -> Path:
-    """Runs the builder stage's project steps (the RUN that builds and installs the wheel) on a
-    copy of the build context, into a fresh virtual environment whose dependencies are the
-    project venv's (the same pins: test_deploy_image checks it). Returns the environment's root;
-    its python serves the package exactly as the image's /opt/venv does."""
-    import atexit
-    import sysconfig
+# -- the chart's pod, as podman runs it (.ci/chart_pod.py; used by test_image.py and make run-image) ----
+def _load_chart_pod():
+    spec = importlib.util.spec_from_file_location("chart_pod", ROOT / ".ci" / "chart_pod.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    tmp = Path(tempfile.mkdtemp(prefix="image-install-"))
-    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    context = tmp / "context"
-    for rel in dockerignore_context():
-        (context / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, context / rel)
-    builder = dockerfile_stages()[0]
-    workdir = tmp / "src"
-    workdir.mkdir()
-    for instruction, args in builder["instructions"]:
-        if instruction == "COPY" and not args.startswith("--"):
-            *sources, dest = args.split()
-            for source in sources:
-                src = context / source.rstrip("/")
-                assert src.exists(), f"Dockerfile COPY {source}: not in the build context (.dockerignore?)"
-                target = workdir / dest if dest not in ("./", ".") else workdir
-                if src.is_dir():
-                    shutil.copytree(src, target, dirs_exist_ok=True)
-                else:
-                    target.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src, target / src.name)
-    steps = [args for instruction, args in builder["instructions"] if instruction == "RUN" and "pip wheel" in args]
-    assert len(steps) == 1, "the builder stage should have one RUN that builds and installs the project wheel"
-    venv = tmp / "venv"
-    run([sys.executable, "-m", "venv", venv], timeout=120)
-    site = next((venv / "lib").glob("python3*/site-packages"))
-    # Stage 1's dependencies: the project venv's site-packages, after the new environment's own.
-    (site / "zz-image-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    command = steps[0].replace("/tmp/wheels", str(tmp / "wheels"))
-    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "PIP_NO_CACHE_DIR": "1",
-           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    env.pop("PYTHONPATH", None)
-    run(["bash", "-euo", "pipefail", "-c", command], timeout=300, cwd=workdir, env=env)
-    return venv
+
+chart_pod = _load_chart_pod()
