@@ -50,9 +50,11 @@ train-gpu: install data
 evaluate: install data
 	$(PY) -m predictor.evaluate --data $(DATA_DIR)/train
 
-# Throughput/latency of the predictor vs the seed-style baseline and the model alone (run on a quiet machine).
+# Throughput/latency of the predictor vs the seed-style baseline and the model alone, then the
+# workers x threads table the chart's defaults come from (run on a quiet machine).
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/scaling.py
 
 # 10 minutes at 80 % of saturation: RSS growth and error count (not in CI).
 soak: install
