@@ -47,15 +47,16 @@ FROM deps AS builder
 
 # 2. The project as a wheel, without dependencies: the weights in predictor/weights/ are package
 #    data, so they are baked into site-packages (and world-readable, whatever their mode here);
-#    the build fails if the installed weights or int8 calibration images do not match their model
-#    card's sha256. The same wheel is also installed under /staging (pip --root): just the
+#    the build fails if the installed weights, int8 calibration images or int8 ONNX graph do not
+#    match their model card's sha256. The same wheel is also installed under /staging (pip --root): just the
 #    project's files, at their /opt/venv paths, for the final stage's second, small layer.
 COPY README.md ./
 COPY predictor/ predictor/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
     && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
     && pip install --no-cache-dir --no-deps --ignore-installed --root /staging /tmp/wheels/*.whl \
-    && python -I -c "import predictor.weights as w, predictor.quantize as q; q.calibration_images(w.PACKAGED_DIR, w.load_model(w.PACKAGED_DIR)[1])"
+    && python -I -c "import predictor.weights as w, predictor.quantize as q, predictor.onnx_engine as o; \
+card = w.load_model(w.PACKAGED_DIR)[1]; q.calibration_images(w.PACKAGED_DIR, card); o.onnx_int8_path(w.PACKAGED_DIR, card)"
 
 # ---------------------------------------------------------------------------------------------
 FROM debian:bookworm-slim
