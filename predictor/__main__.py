@@ -32,6 +32,7 @@ from kserve import model_server  # noqa: E402
 from .config import build_parser, settings_from  # noqa: E402
 from .engine import EngineError  # noqa: E402
 from .model import Cifar10Classifier  # noqa: E402
+from .security import serve_without_proxy_headers  # noqa: E402
 from .weights import WeightsError  # noqa: E402
 from .workers import use_patient_workers  # noqa: E402
 
@@ -59,10 +60,14 @@ def main() -> None:
     except (WeightsError, EngineError) as exc:
         log.error("cannot serve: %s", exc)
         sys.exit(2)
+    hops = settings.trusted_proxy_hops
     log.info("API keys: %s; rate limit: %s; queue bound %d images; deadline %g s; drain %d s",
              f"{len(settings.api_keys)} configured" if settings.api_keys.enabled else "off (no keys configured)",
-             f"{settings.rate_limit_per_minute}/min per caller" if settings.rate_limit_per_minute else "off",
+             f"{settings.rate_limit_per_minute}/min per {'key' if settings.api_keys.enabled else 'client'}, client = "
+             + (f"X-Forwarded-For entry {hops} from the right ({hops} trusted proxy hop(s))" if hops else "peer address")
+             if settings.rate_limit_per_minute else "off",
              settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
+    serve_without_proxy_headers()  # the client address is decided in one place: predictor.security
     if args.workers > 1:
         use_patient_workers()
     # KServe hands grace_period to uvicorn as its graceful-shutdown timeout: the drain window.

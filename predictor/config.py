@@ -71,8 +71,10 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--rate_limit_per_minute", type=int, default=_env("RATE_LIMIT_PER_MINUTE", 100, int),
         help="prediction calls per minute per API key (per client address without keys), per replica; 0 turns it off "
              "[env RATE_LIMIT_PER_MINUTE]")
-    add("--trust_forwarded_for", type=_boolean, default=_env("TRUST_FORWARDED_FOR", False, _boolean),
-        help="rate-limit by the right-most X-Forwarded-For address (set it behind an ingress proxy) [env TRUST_FORWARDED_FOR]")
+    add("--trusted_proxy_hops", type=int, default=_env("TRUSTED_PROXY_HOPS", 0, int),
+        help="proxies in front that each append to X-Forwarded-For; without API keys the rate limit counts the "
+             "address the outermost of them saw, the N-th entry from the right (fewer entries: the left-most); 0: the "
+             "peer address, the header ignored (Envoy's xff_num_trusted_hops) [env TRUSTED_PROXY_HOPS]")
     return parser
 
 
@@ -99,9 +101,13 @@ def load_api_keys(args: argparse.Namespace) -> ApiKeys:
 def settings_from(args: argparse.Namespace) -> Settings:
     for name, minimum in (("max_batch_size", 1), ("max_batch_files", 1), ("max_body_bytes", 1), ("max_image_side", 1),
                           ("decode_threads", 1), ("max_queue_images", 1), ("max_in_flight", 1), ("request_timeout_s", 0.001),
-                          ("drain_timeout_s", 0), ("rate_limit_per_minute", 0), ("intra_op_threads", 0)):
+                          ("drain_timeout_s", 0), ("rate_limit_per_minute", 0), ("intra_op_threads", 0),
+                          ("trusted_proxy_hops", 0)):
         if getattr(args, name) < minimum:
             raise SystemExit(f"--{name} must be >= {minimum}")
+    if os.environ.get("TRUST_FORWARDED_FOR"):
+        raise SystemExit("TRUST_FORWARDED_FOR is replaced by TRUSTED_PROXY_HOPS (--trusted_proxy_hops): the number of "
+                         "proxies in front that append to X-Forwarded-For, 0 for none")
     return Settings(
         model_dir=args.model_dir or default_model_dir(), random_weights=args.random_weights, device=args.device,
         max_batch_size=args.max_batch_size, max_batch_delay_ms=max(0.0, args.max_batch_delay_ms),
@@ -109,7 +115,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_image_side=args.max_image_side, decode_threads=args.decode_threads,
         max_queue_images=args.max_queue_images, max_in_flight=args.max_in_flight, request_timeout_s=args.request_timeout_s,
         drain_timeout_s=args.drain_timeout_s, api_keys=load_api_keys(args),
-        rate_limit_per_minute=args.rate_limit_per_minute, trust_forwarded_for=args.trust_forwarded_for,
+        rate_limit_per_minute=args.rate_limit_per_minute, trusted_proxy_hops=args.trusted_proxy_hops,
         engine=args.engine, precision=args.precision, compile=args.compile, intra_op_threads=args.intra_op_threads,
         workers=args.workers,
     )

@@ -145,8 +145,7 @@ class RequestGuard:
             return error_response(401, "unauthorized", message if key is None else "The API key is not valid.",
                                   {"WWW-Authenticate": "Bearer"})
         if settings.rate_limit_per_minute > 0:
-            identity = caller_identity(scope, headers, key if settings.api_keys.enabled else None,
-                                       settings.trust_forwarded_for)
+            identity = caller_identity(scope, key if settings.api_keys.enabled else None, settings.trusted_proxy_hops)
             decision = self._rate_limiter(settings.rate_limit_per_minute).check(identity)
             extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
                                  if k != "Retry-After")

@@ -51,7 +51,7 @@ class Settings:
     drain_timeout_s: int = 20
     api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
     rate_limit_per_minute: int = 100
-    trust_forwarded_for: bool = False
+    trusted_proxy_hops: int = 0  # proxies in front appending to X-Forwarded-For (predictor.security.client_address)
     engine: str = "auto"
     precision: str = "auto"
     compile: bool = True

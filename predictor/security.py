@@ -52,18 +52,55 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
     return None
 
 
-def caller_identity(scope: dict, headers: dict[bytes, bytes], key: str | None, trust_forwarded_for: bool) -> str:
-    """What the rate limit counts against: the API key (as a digest), else the client's address.
-
-    Behind a proxy every connection comes from the proxy, so with `trust_forwarded_for` the address
-    is the right-most X-Forwarded-For entry: the one the trusted proxy itself appended.
-    """
+def caller_identity(scope: dict, key: str | None, trusted_proxy_hops: int) -> str:
+    """What the rate limit counts against: the API key (as a digest), else the client's address."""
     if key is not None:
         return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    if trust_forwarded_for and headers.get(b"x-forwarded-for"):
-        return "addr:" + headers[b"x-forwarded-for"].decode("latin-1").split(",")[-1].strip()
+    return "addr:" + client_address(scope, trusted_proxy_hops)
+
+
+def client_address(scope: dict, trusted_proxy_hops: int) -> str:
+    """The caller's address, decided here only (uvicorn's own X-Forwarded-For rewriting is off:
+    `serve_without_proxy_headers`), so the peer in `scope["client"]` is the TCP peer.
+
+    0 trusted hops: the peer; X-Forwarded-For is ignored (anyone can write it). N hops: the N
+    proxies in front each appended the address they saw, so the N-th entry from the right is the one
+    the outermost trusted proxy wrote, the client it saw; entries further left are the client's own
+    words. Every X-Forwarded-For line counts, in order. With fewer than N entries (a trusted hop that
+    appends only sometimes, e.g. Knative's activator), the left-most; with none, the peer.
+    """
     client = scope.get("client")
-    return "addr:" + (client[0] if client else "unknown")
+    peer = client[0] if client else "unknown"
+    if trusted_proxy_hops <= 0:
+        return peer
+    entries = [entry.strip() for name, value in scope["headers"] if name == b"x-forwarded-for"
+               for entry in value.decode("latin-1").split(",") if entry.strip()]
+    if not entries:
+        return peer
+    return entries[-min(trusted_proxy_hops, len(entries))]
+
+
+def serve_without_proxy_headers() -> None:
+    """Turn off uvicorn's proxy-header handling in the servers KServe builds (workers included).
+
+    Uvicorn rewrites the client address from X-Forwarded-For for peers in FORWARDED_ALLOW_IPS
+    (127.0.0.1 by default: every caller behind a local proxy such as Knative's queue-proxy), before
+    any middleware runs; the guard would then count whatever address a caller wrote. KServe 0.21
+    builds uvicorn's Config itself and does not expose `proxy_headers`, so it is switched off on
+    the Config of every RESTServer (spawned workers receive that Config pickled).
+    """
+    from kserve.protocol.rest import server as rest
+
+    original = rest.RESTServer.__init__
+    if getattr(original, "without_proxy_headers", False):
+        return
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.config.proxy_headers = False
+
+    init.without_proxy_headers = True
+    rest.RESTServer.__init__ = init
 
 
 @dataclass

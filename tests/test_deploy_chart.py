@@ -145,7 +145,8 @@ BAD_VALUES = {
     "Knative timeout shorter than the drain": (["--set", "timeout=40"], "drainTimeoutSeconds"),
     "grace period set by hand": (["--set", "terminationGracePeriodSeconds=5"], "terminationGracePeriodSeconds"),
     "negative rate limit": (["--set", "rateLimit.perMinute=-1"], "perMinute"),
-    "trust forwarded-for": (["--set", "rateLimit.trustForwardedFor=maybe"], "trustForwardedFor"),
+    "trusted proxy hops not a number": (["--set", "rateLimit.trustedProxyHops=maybe"], "trustedProxyHops"),
+    "negative trusted proxy hops": (["--set", "rateLimit.trustedProxyHops=-1"], "trustedProxyHops"),
     "queue of 0 images": (["--set", "batching.maxQueueImages=0"], "maxQueueImages"),
     "no call in flight": (["--set", "batching.maxInFlight=0"], "maxInFlight"),
     "PDB bad minAvailable": (["--set", "podDisruptionBudget.minAvailable=half"], "minAvailable"),
@@ -165,7 +166,7 @@ def test_good_overrides_are_accepted():
     run([tool(HELM), "template", RELEASE, CHART, "--set", "canaryTrafficPercent=0", "--set", "model.storageUri=pvc://models/cifar10",
          "--set", "image.digest=sha256:" + "a" * 64, "--set", "autoscaling.minReplicas=0"])
     run([tool(HELM), "template", RELEASE, CHART, "--set", "deploymentMode=Standard", "--set", "podDisruptionBudget.minAvailable=50%",
-         "--set", "rateLimit.trustForwardedFor=true", "--set", "precision=int8"])
+         "--set", "rateLimit.trustedProxyHops=2", "--set", "precision=int8"])
     # Knative mode: a revision timeout exactly covering queue-proxy drain (30 s) + drain + margin.
     run([tool(HELM), "template", RELEASE, CHART, "--set", "timeout=55"])
 
@@ -331,15 +332,22 @@ def test_every_new_setting_reaches_the_predictor_env(values_file):
     assert float(env["REQUEST_TIMEOUT_S"]) == values["limits"]["requestTimeoutSeconds"]
     assert env["RATE_LIMIT_PER_MINUTE"] == str(values["rateLimit"]["perMinute"])
     assert "API_KEYS" not in env, "keys never go into the pod spec in plain text"
-    trust = values["rateLimit"]["trustForwardedFor"]
+    hops = values["rateLimit"]["trustedProxyHops"]
     istio_in_front = values["istio"]["virtualService"]["enabled"] or values["istio"]["gateway"]["create"]
-    assert env["TRUST_FORWARDED_FOR"] == str(istio_in_front if trust == "auto" else trust).lower()
+    auto = (4 if values["deploymentMode"] == "Knative" else 1) if istio_in_front else 0
+    assert env["TRUSTED_PROXY_HOPS"] == str(auto if hops == "auto" else hops)
+    assert "TRUST_FORWARDED_FOR" not in env  # replaced; the predictor refuses to start with it
 
 
-def test_trust_forwarded_for_follows_the_istio_route():
-    assert env_of_values(None)["TRUST_FORWARDED_FOR"] == "true"
-    assert env_of_values(CHART / "ci" / "monitoring-off-values.yaml")["TRUST_FORWARDED_FOR"] == "false"  # no route
-    assert env_of_values(CHART / "ci" / "secure-knative-values.yaml")["TRUST_FORWARDED_FOR"] == "false"  # set by hand
+def test_trusted_proxy_hops_follow_the_istio_route_and_the_mode():
+    """Behind the chart's route: Standard mode 1 (the ingress gateway appends the client), Knative mode
+    4 (ingress gateway, knative-local-gateway, activator, queue-proxy); no route: 0, the peer counts."""
+    assert env_of_values(None)["TRUSTED_PROXY_HOPS"] == "4"
+    assert env_of_values(CHART / "ci" / "standard-values.yaml")["TRUSTED_PROXY_HOPS"] == "1"
+    assert env_of_values(CHART / "ci" / "monitoring-off-values.yaml")["TRUSTED_PROXY_HOPS"] == "0"  # no route
+    assert env_of_values(CHART / "ci" / "secure-knative-values.yaml")["TRUSTED_PROXY_HOPS"] == "0"  # set by hand
+    standard_by_hand = env_of(predictor_container(render(sets=("deploymentMode=Standard", "rateLimit.trustedProxyHops=2"))))
+    assert standard_by_hand["TRUSTED_PROXY_HOPS"] == "2"
 
 
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)

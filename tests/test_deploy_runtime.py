@@ -45,7 +45,7 @@ SEED_QUERIES = (
 FORM_FIELDS = {"/classify/image": "file", "/classify/batch": "files"}
 PREDICTOR_ENV = ("STORAGE_URI", "MODEL_DIR", "MODEL_NAME", "DEVICE", "MAX_BATCH_SIZE", "MAX_BATCH_DELAY_MS",
                  "MAX_BATCH_FILES", "MAX_BODY_BYTES", "MAX_IMAGE_SIDE", "DECODE_THREADS", "INTRA_OP_THREADS", "ENGINE", "PRECISION",
-                 "MAX_QUEUE_IMAGES", "REQUEST_TIMEOUT_S", "DRAIN_TIMEOUT_S", "RATE_LIMIT_PER_MINUTE", "TRUST_FORWARDED_FOR",
+                 "MAX_QUEUE_IMAGES", "REQUEST_TIMEOUT_S", "DRAIN_TIMEOUT_S", "RATE_LIMIT_PER_MINUTE", "TRUSTED_PROXY_HOPS",
                  "API_KEYS", "API_KEYS_FILE", "TORCHINDUCTOR_CACHE_DIR")
 # The module sends a few hundred requests from one address within a minute (traffic, scrapes):
 # the chart's per-client rate limit (100/min) is lifted through its own value for the contract.

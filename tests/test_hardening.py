@@ -315,6 +315,14 @@ def test_unsafe_auth_configurations_refuse_to_start(args, message):
     assert message in result.stderr
 
 
+def test_the_replaced_trust_forwarded_for_refuses_to_start():
+    """TRUST_FORWARDED_FOR (a boolean) is gone; left in a pod spec it must not be silently ignored."""
+    result = subprocess.run([sys.executable, "-m", "predictor"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TRUST_FORWARDED_FOR": "true"})
+    assert result.returncode != 0
+    assert "TRUST_FORWARDED_FOR is replaced by TRUSTED_PROXY_HOPS" in result.stderr
+
+
 # -- the limiter and key check themselves, on a controlled clock -----------------------------------
 def test_token_bucket_allows_100_then_refills_at_100_per_minute():
     from predictor.security import RateLimiter
@@ -349,3 +357,17 @@ def test_api_keys_from_string_and_file(tmp_path):
     assert len(keys) == 3 and keys.accepts("two") and keys.accepts("file-key")
     assert not keys.accepts("# comment") and not keys.accepts("") and not keys.accepts(None) and not keys.accepts("tw")
     assert not ApiKeys.load("").enabled
+
+
+def test_client_address_counts_trusted_hops_from_the_right():
+    from predictor.security import caller_identity, client_address
+
+    def scope(*forwarded_for: str) -> dict:
+        return {"client": ("10.9.9.9", 40000), "headers": [(b"x-forwarded-for", v.encode()) for v in forwarded_for]}
+
+    chain = scope("6.6.6.6, 1.1.1.1", "2.2.2.2, 3.3.3.3")  # two lines: one list, in order
+    assert [client_address(chain, hops) for hops in range(5)] == ["10.9.9.9", "3.3.3.3", "2.2.2.2", "1.1.1.1", "6.6.6.6"]
+    assert client_address(chain, 9) == "6.6.6.6"  # fewer entries than hops: the left-most
+    assert client_address(scope(), 2) == client_address(scope(" , "), 2) == "10.9.9.9"  # none: the peer
+    assert caller_identity(chain, None, 1) == "addr:3.3.3.3"
+    assert caller_identity(chain, "a-key", 1) == caller_identity(scope(), "a-key", 0)  # with keys, the key counts

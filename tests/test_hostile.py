@@ -663,3 +663,50 @@ def assert_json_error_5xx(reply: Reply, status: int, code: str) -> None:
     body = reply.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
     assert body["error"]["code"] == code and body["error"]["message"], body
+
+
+# -- who the rate limit counts: X-Forwarded-For spoofing from both sides (issue 16) ---------------------------
+# Bodiless calls (422) spend a token like any other; 5 per minute refill one token per 12 s, far
+# slower than these tests send.
+RATE = 5
+
+
+def spend(server, count: int, *forwarded_for: str) -> list[int]:
+    """Statuses of `count` bodiless prediction calls, each with these X-Forwarded-For lines."""
+    headers = [("x-forwarded-for", value) for value in forwarded_for]
+    return [server.client.post("/classify/image", headers=headers).status_code for _ in range(count)]
+
+
+@pytest.fixture
+def rate_limited_server(request):
+    from .conftest import Server
+
+    server = Server("--rate_limit_per_minute", str(RATE), "--trusted_proxy_hops", str(request.param))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("rate_limited_server", [0], indirect=True)
+def test_without_trusted_proxies_x_forwarded_for_does_not_pick_the_bucket(rate_limited_server):
+    """0 hops (the default): the peer address is the client; a caller writing X-Forwarded-For, even
+    from 127.0.0.1 (which uvicorn would have trusted), stays in its own bucket and gets 429."""
+    assert spend(rate_limited_server, 2) + spend(rate_limited_server, 3, "10.1.1.1") == [422] * RATE
+    for n in range(2, 7):
+        limited = rate_limited_server.client.post("/classify/image", headers={"X-Forwarded-For": f"10.1.1.{n}"})
+        assert_json_error(Reply(limited.status_code, limited.content), 429, "rate_limited")
+    assert spend(rate_limited_server, 1) == [429]
+    assert "client = peer address" in rate_limited_server.log()
+
+
+@pytest.mark.parametrize("rate_limited_server", [1], indirect=True)
+def test_one_trusted_proxy_hop_counts_the_right_most_entry(rate_limited_server):
+    """1 hop: the right-most X-Forwarded-For entry (the one the proxy appended) is the client; what a
+    caller writes to its left changes nothing; another right-most entry is another client."""
+    statuses = [spend(rate_limited_server, 1, f"6.6.6.{n}, 10.0.0.1")[0] for n in range(RATE + 3)]
+    assert statuses == [422] * RATE + [429] * 3, statuses
+    assert spend(rate_limited_server, 1, "10.0.0.1") == [429]
+    assert spend(rate_limited_server, 1, "6.6.6.6", "10.0.0.1") == [429]  # header lines count in order
+    assert spend(rate_limited_server, 1, "10.0.0.1, 10.0.0.2") == [422]  # another client
+    assert spend(rate_limited_server, 1) == [422]  # no header: the peer, a bucket of its own
+    assert "client = X-Forwarded-For entry 1 from the right" in rate_limited_server.log()
+

@@ -120,10 +120,6 @@ sleep, the predictor's drain (DRAIN_TIMEOUT_S) and a margin for the exit.
 {{- end }}
 
 {{/*
-TRUST_FORWARDED_FOR: with `auto`, true when the chart's Istio route (or Gateway) is in front of
-the predictor, where the peer address is the gateway's and the client's is in X-Forwarded-For.
-*/}}
-{{/*
 The predictor's DEVICE: with gpu.enabled, `auto` becomes `cuda`, so a pod that holds a GPU but cannot
 use it stops with a clear error instead of quietly serving on the CPU.
 */}}
@@ -131,12 +127,19 @@ use it stops with a clear error instead of quietly serving on the CPU.
 {{- if and .Values.gpu.enabled (eq .Values.model.device "auto") -}}cuda{{- else -}}{{ .Values.model.device }}{{- end -}}
 {{- end }}
 
-{{- define "cifar10.trustForwardedFor" -}}
-{{- $v := .Values.rateLimit.trustForwardedFor }}
-{{- if eq (toString $v) "auto" }}
-{{- ternary "true" "false" (or .Values.istio.virtualService.enabled .Values.istio.gateway.create) }}
-{{- else }}
-{{- ternary "true" "false" (eq (toString $v) "true") }}
+{{/*
+TRUSTED_PROXY_HOPS: how many proxies in front of the predictor append to X-Forwarded-For (the rate
+limit counts the address the outermost of them saw). With `auto`: 0 without the chart's Istio route
+(the peer address counts, the header is ignored); behind it, Standard mode 1 (the ingress gateway)
+and Knative mode 4 (ingress gateway, knative-local-gateway, activator, queue-proxy). helm/README.md,
+"Rate limiting", has the reasoning.
+*/}}
+{{- define "cifar10.trustedProxyHops" -}}
+{{- $v := .Values.rateLimit.trustedProxyHops }}
+{{- if ne (toString $v) "auto" }}{{ int $v }}
+{{- else if not (or .Values.istio.virtualService.enabled .Values.istio.gateway.create) }}0
+{{- else if eq .Values.deploymentMode "Knative" }}4
+{{- else }}1
 {{- end }}
 {{- end }}
 
