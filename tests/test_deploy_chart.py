@@ -1,7 +1,7 @@
 """The Helm chart: `helm lint --strict` and `helm template` for every value set (the defaults and
 helm/cifar10-classifier/ci/*-values.yaml: Standard mode, Standard with KEDA, CPU only, canary,
 monitoring off, and the hardened Standard and Knative sets); every rendered object validated strictly (core kinds with kubernetes-validate at
-Kubernetes 1.29 and 1.34, custom resources against the CRDs in ../shared/schemas/crds, unknown
+Kubernetes 1.29 and 1.34, custom resources against the vendored CRDs in tests/data/schemas, unknown
 fields fail, a kind covered by neither fails); KServe's and Knative's admission rules that no
 schema carries; bad values refused by values.schema.json; the hardening (pod security, grace
 period vs drain, API-key Secret, JWT policy paths, NetworkPolicy peers and ports, PDB, gateway
