@@ -1,0 +1,47 @@
+"""The demo page: `GET /` and its two assets, plain files shipped in the package (predictor/ui/)."""
+
+import html
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from .errors import ApiError
+
+UI_DIR = Path(__file__).parent / "ui"
+# Everything the page loads comes from this server (no CDN is reachable from a cluster); its images
+# are the user's own files (blob:) and the heat-maps the API returns (data:).
+_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+_ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+
+
+def build_ui_router(model) -> APIRouter:
+    """`GET /` (the page, for `model`'s name) and `/ui/{asset}`; with `--ui false`, `GET /` is a JSON 404."""
+    router = APIRouter(include_in_schema=False)
+    if not model.settings.ui:
+        @router.get("/")
+        async def no_page():
+            # Registered anyway, so that KServe's own `/` (a liveness answer) does not stand in for the page.
+            raise ApiError(404, "not_found", "The demo page is turned off on this server (--ui false).")
+
+        return router
+
+    page = (UI_DIR / "index.html").read_text().replace("{{MODEL_NAME}}", html.escape(model.name, quote=True))
+    assets = {name: (UI_DIR / name).read_bytes() for name in _ASSETS}
+
+    @router.get("/")
+    async def demo_page():
+        return Response(page, media_type="text/html; charset=utf-8", headers=_HEADERS)
+
+    @router.get("/ui/{asset}")
+    async def demo_asset(asset: str):
+        if asset not in assets:
+            raise ApiError(404, "not_found", f"No such file: /ui/{asset}.")
+        return Response(assets[asset], media_type=_ASSETS[asset], headers=_HEADERS)
+
+    return router

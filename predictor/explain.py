@@ -1,0 +1,193 @@
+"""Grad-CAM explanations and the KServe v1 `:explain` route that serves them.
+
+Grad-CAM (Selvaraju et al., 2017) on the last residual stage (`layer4`) of the fp32 network, on the
+same weights as the served engine (which may run them in int8): the class score's gradient,
+averaged over each layer4 channel, weights that channel's activation map; the positive part of the
+sum, upsampled to the 32x32 input and scaled to 0..1, is the heat-map.
+"""
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastapi import APIRouter, Query, Request
+from PIL import Image
+from torch import nn
+
+from . import payloads
+from .errors import ApiError, overloaded
+from .network import CLASSES, IMAGE_SIZE, normalize
+
+OVERLAY_SCALE = 4  # the 32x32 overlay is upscaled 4x (128x128) so a person can see it
+OVERLAY_ALPHA = 0.5  # share of the heat-map's colour in the overlay
+LAYER = "layer4"
+
+
+@dataclass
+class Explanation:
+    """One image's Grad-CAM: the class explained, the fp32 network's calibrated probabilities, the heat-map."""
+
+    target: int
+    probabilities: np.ndarray  # [10], temperature-scaled softmax of the fp32 logits
+    heatmap: np.ndarray  # [32, 32] float32 in 0..1
+
+    def body(self, image: np.ndarray) -> dict:
+        """The response object for this image (the input `image` is drawn under the heat-map)."""
+        best = int(self.probabilities.argmax())
+        return {
+            "predicted_class": CLASSES[best],
+            "confidence": round(float(self.probabilities[best]), 6),
+            "target_class": CLASSES[self.target],
+            "target_probability": round(float(self.probabilities[self.target]), 6),
+            "heatmap": np.round(self.heatmap.astype(np.float64), 4).tolist(),
+            "overlay_png": base64.b64encode(overlay_png(image, self.heatmap)).decode("ascii"),
+        }
+
+
+def _layer4(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision ResNet's forward up to the last residual stage (the CIFAR stem's maxpool is Identity)."""
+    x = network.relu(network.bn1(network.conv1(x)))
+    x = network.maxpool(x)
+    return network.layer4(network.layer3(network.layer2(network.layer1(x))))
+
+
+def grad_cam(network: nn.Module, images: np.ndarray, target: int | None, temperature: float = 1.0) -> list[Explanation]:
+    """Grad-CAM of uint8 images [N, 32, 32, 3] for `target` (None: each image's predicted class).
+
+    Thread-safe on a shared network: no hooks and no state on the module; only the head after
+    layer4 is differentiated (the gradient of a class score needs nothing before it), so the
+    network's parameters never collect gradients.
+    """
+    with torch.no_grad():
+        features = _layer4(network, normalize(torch.from_numpy(images.copy())))  # a copy: decoded arrays are read-only
+    features = features.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = network.fc(torch.flatten(network.avgpool(features), 1))
+        targets = logits.argmax(1) if target is None else torch.full((len(images),), target)
+        # Images are independent (batch norm in eval mode), so one backward of the summed scores
+        # gives every image the gradient of its own score.
+        (gradients,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), features)
+    with torch.no_grad():
+        weights = gradients.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * features).sum(1, keepdim=True))
+        # Min-max scaled, as the common Grad-CAM implementations do: the 4x4 map's least relevant
+        # cell is 0, so the picture shows contrast rather than a uniform wash over the image.
+        cam = cam - cam.amin(dim=(2, 3), keepdim=True)
+        cam = F.interpolate(cam, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[:, 0]
+        peak = cam.amax(dim=(1, 2), keepdim=True)
+        cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
+        probabilities = torch.softmax(logits.double() / temperature, dim=1).float()
+    return [Explanation(int(t), p.numpy(), c.numpy()) for t, p, c in zip(targets, probabilities, cam)]
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """0..1 -> RGB uint8 on the usual blue-cyan-yellow-red scale (no plotting library at serving time)."""
+    v = values[..., None] * 4.0
+    rgb = np.clip(1.5 - np.abs(v - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
+    return (rgb * 255).astype(np.uint8)
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, scale: int = OVERLAY_SCALE) -> bytes:
+    """PNG of the heat-map blended over the 32x32 input, upscaled `scale` times.
+
+    The input is enlarged pixel for pixel (what the network saw); the heat-map smoothly.
+    """
+    side = IMAGE_SIZE * scale
+    base = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST), np.float32)
+    heat = Image.fromarray(heatmap.astype(np.float32), mode="F").resize((side, side), Image.Resampling.BILINEAR)
+    colour = _jet(np.clip(np.asarray(heat), 0.0, 1.0)).astype(np.float32)
+    blended = ((1 - OVERLAY_ALPHA) * base + OVERLAY_ALPHA * colour).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(blended).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def parse_target(value: str | None) -> int | None:
+    """?target_class= as a class name or index -> the index; None when absent; 400 when not a class."""
+    if value is None or value == "":
+        return None
+    text = value.strip()
+    if text.lower() in CLASSES:
+        return CLASSES.index(text.lower())
+    if text.isdigit() and int(text) < len(CLASSES):
+        return int(text)
+    raise ApiError(400, "invalid_target_class",
+                   f"target_class {value!r} is not a class: use a name ({', '.join(CLASSES)}) or an index 0..{len(CLASSES) - 1}.")
+
+
+class ExplainPool:
+    """The threads explanations run in, and their concurrency limit (503 beyond it).
+
+    A call counts until its computation ends, not until its client goes away: a call cut off by
+    the deadline still holds its slot while its thread finishes, so the limit bounds the CPU work.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.running = 0
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def run(self, work: Callable[[], list[dict]]) -> list[dict]:
+        if self.running >= self.limit:
+            raise overloaded(f"{self.running} explanations are already running (limit {self.limit})")
+        if self._executor is None:  # made on first use, in the process that serves (workers unpickle the model)
+            self._executor = concurrent.futures.ThreadPoolExecutor(self.limit, thread_name_prefix="explain")
+        loop = asyncio.get_running_loop()
+        self.running += 1
+        future = self._executor.submit(work)
+        # The callback runs in the explaining thread; the count belongs to the event loop's thread.
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        return await asyncio.wrap_future(future)
+
+    def _release(self) -> None:
+        self.running -= 1
+
+
+async def _request_payload(request: Request) -> dict | bytes:
+    """The body as `:predict` takes it: a JSON object for a JSON content type, else the raw bytes."""
+    body = await request.body()
+    if "json" in request.headers.get("content-type", "").lower():
+        return payloads.json_object(body)
+    return body
+
+
+def build_explain_router(model) -> APIRouter:
+    """`POST /v1/models/{name}:explain` for `model` (a Cifar10Classifier with `.network`, the fp32 module)."""
+    router = APIRouter()
+    pool = ExplainPool(model.settings.max_explain_in_flight)
+
+    @router.post("/v1/models/{model_name}:explain", tags=["V1"], summary="Grad-CAM explanation of each image")
+    async def explain(model_name: str, request: Request,
+                      target_class: str | None = Query(None, description="class to explain (name or 0..9); "
+                                                                          "default: each image's predicted class")):
+        """The `:predict` request shapes -> {"explanations": [{predicted_class, confidence, heatmap, overlay_png}]}.
+
+        Computed by the fp32 network on the served weights; the served engine may run them in another
+        precision (`served_precision`), so its confidence can differ slightly from `:predict`'s.
+        """
+        if model_name != model.name:
+            raise ApiError(404, "model_not_found", f"Model with name {model_name} does not exist.")
+        if not model.ready:
+            raise ApiError(503, "model_not_ready", "The model is not loaded yet.")
+        target = parse_target(target_class)
+        prepared = await model.preprocess(await _request_payload(request))
+        images = np.stack(prepared.slots)
+        # Grad-CAM and the PNGs off the event loop, outside the prediction batcher.
+        explanations = await pool.run(lambda: [e.body(image) for e, image in zip(
+            grad_cam(model.network, images, target, model.temperature), images)])
+        return {
+            "model_name": model.name,
+            "model_version": model.version,
+            "method": f"grad-cam on {LAYER}",
+            "explained_precision": "fp32",
+            "served_precision": model.runner.precision,
+            "explanations": explanations,
+        }
+
+    return router
