@@ -7,7 +7,7 @@ PORT ?= 8080
 DATA ?= ../shared/data/cifar10-train-jpeg.tar.gz
 DATA_DIR ?= .cache/cifar10
 
-.PHONY: install run test train train-gpu evaluate data bench soak
+.PHONY: install run test browser train train-gpu evaluate data bench soak
 
 include deploy.mk
 include image.mk
@@ -25,8 +25,13 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m predictor --http_port $(PORT)
 
-test: install deploy-tools
+test: install deploy-tools browser
 	$(PY) -m pytest -q
+
+# Chromium and its WebDriver from Debian, for the demo page's real-browser test (tests/test_ui.py).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 $(DATA_DIR)/train: $(DATA)
 	mkdir -p $(DATA_DIR) && tar -xzf $(DATA) -C $(DATA_DIR)
