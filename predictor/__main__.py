@@ -29,7 +29,9 @@ _metrics_across_workers()
 
 from kserve import model_server  # noqa: E402
 
+from .app import install  # noqa: E402
 from .config import build_parser, settings_from  # noqa: E402
+from .drain import Drain  # noqa: E402
 from .engine import EngineError  # noqa: E402
 from .model import Cifar10Classifier  # noqa: E402
 from .security import serve_without_proxy_headers  # noqa: E402
@@ -54,7 +56,7 @@ def main() -> None:
     _configure_logging()
     args = build_parser(model_server.parser).parse_args()
     settings = settings_from(args)
-    model = Cifar10Classifier(args.model_name, settings)
+    model = Cifar10Classifier(args.model_name, settings, Drain())
     try:
         model.load()
     except (WeightsError, EngineError) as exc:
@@ -69,7 +71,9 @@ def main() -> None:
              settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
     serve_without_proxy_headers()  # the client address is decided in one place: predictor.security
     if args.workers > 1:
-        use_patient_workers()
+        use_patient_workers()  # each worker process installs the app itself
+    else:
+        install(model_server.app, model)
     # KServe hands grace_period to uvicorn as its graceful-shutdown timeout: the drain window.
     model_server.ModelServer(grace_period=settings.drain_timeout_s).start([model])
 

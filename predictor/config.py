@@ -2,14 +2,43 @@
 
 import argparse
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .model import Settings
 from .security import ApiKeys
 from .weights import PACKAGED_DIR
 
 DEFAULT_MODEL_NAME = "cifar10-resnet18"
 STORAGE_MOUNT = Path("/mnt/models")  # where KServe's storage initializer puts STORAGE_URI's files
+
+
+@dataclass
+class Settings:
+    """Serving limits and knobs; every one is a flag and an env var (`build_parser`)."""
+
+    model_dir: Path | None = None
+    random_weights: bool = False
+    device: str = "auto"
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 2.0
+    max_batch_files: int = 64
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_image_side: int = 4096
+    decode_threads: int = 2
+    max_queue_images: int = 256
+    max_in_flight: int = 256
+    request_timeout_s: float = 30.0
+    drain_timeout_s: int = 20
+    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
+    rate_limit_per_minute: int = 100
+    trusted_proxy_hops: int = 0  # proxies in front appending to X-Forwarded-For (predictor.security.client_address)
+    engine: str = "auto"
+    precision: str = "auto"
+    compile: bool = True
+    intra_op_threads: int = 0  # 0: the usable cores shared out among the worker processes
+    workers: int = 1
+    ui: bool = True  # the demo page at GET / (predictor.demo)
+    max_explain_in_flight: int = 2  # :explain calls computing at once (predictor.explain)
 
 
 def _env(name: str, default, cast=str):
@@ -75,6 +104,11 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="proxies in front that each append to X-Forwarded-For; without API keys the rate limit counts the "
              "address the outermost of them saw, the N-th entry from the right (fewer entries: the left-most); 0: the "
              "peer address, the header ignored (Envoy's xff_num_trusted_hops) [env TRUSTED_PROXY_HOPS]")
+    add("--ui", type=_boolean, default=_env("UI", True, _boolean),
+        help="serve the demo page at GET / (false: 404) [env UI]")
+    add("--max_explain_in_flight", type=int, default=_env("MAX_EXPLAIN_IN_FLIGHT", 2, int),
+        help=":explain calls computing Grad-CAM at once (fp32, outside the prediction batcher); beyond it a new "
+             "one gets 503 + Retry-After [env MAX_EXPLAIN_IN_FLIGHT]")
     return parser
 
 
@@ -102,7 +136,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for name, minimum in (("max_batch_size", 1), ("max_batch_files", 1), ("max_body_bytes", 1), ("max_image_side", 1),
                           ("decode_threads", 1), ("max_queue_images", 1), ("max_in_flight", 1), ("request_timeout_s", 0.001),
                           ("drain_timeout_s", 0), ("rate_limit_per_minute", 0), ("intra_op_threads", 0),
-                          ("trusted_proxy_hops", 0)):
+                          ("trusted_proxy_hops", 0), ("max_explain_in_flight", 1)):
         if getattr(args, name) < minimum:
             raise SystemExit(f"--{name} must be >= {minimum}")
     if os.environ.get("TRUST_FORWARDED_FOR"):
@@ -117,5 +151,5 @@ def settings_from(args: argparse.Namespace) -> Settings:
         drain_timeout_s=args.drain_timeout_s, api_keys=load_api_keys(args),
         rate_limit_per_minute=args.rate_limit_per_minute, trusted_proxy_hops=args.trusted_proxy_hops,
         engine=args.engine, precision=args.precision, compile=args.compile, intra_op_threads=args.intra_op_threads,
-        workers=args.workers,
+        workers=args.workers, ui=args.ui, max_explain_in_flight=args.max_explain_in_flight,
     )

@@ -19,29 +19,35 @@ _POLL_S = 0.05
 
 
 class Drain:
-    """Shutdown state: once draining, readiness and new prediction calls get 503 while admitted ones finish.
+    """One process's shutdown state and admitted-call count, shared by the guard (which admits calls
+    and counts them), the batcher (which reads the count) and the app's lifespan (SIGTERM).
 
-    The model itself stays ready: admitted calls (v1/v2 included, which KServe checks against the
-    model's readiness) must complete. Liveness stays 200 so the kubelet does not kill the drain.
+    Once draining, readiness and new prediction calls get 503 while admitted ones finish. The model
+    itself stays ready: admitted calls (v1/v2 included, which KServe checks against the model's
+    readiness) must complete. Liveness stays 200 so the kubelet does not kill the drain.
     """
 
-    draining = False
-    in_flight = 0
-    _handing_over: "asyncio.Task | None" = None
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._handing_over: "asyncio.Task | None" = None
 
-    @classmethod
-    def calls_in_flight(cls) -> int:
-        return cls.in_flight
+    def __getstate__(self) -> dict:
+        return {}  # a worker process starts with its own, fresh state
 
-    @classmethod
-    def begin(cls) -> None:
-        if cls.draining:
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def calls_in_flight(self) -> int:
+        return self.in_flight
+
+    def begin(self) -> None:
+        if self.draining:
             return
-        cls.draining = True
-        log.info("SIGTERM: draining; readiness is now 503, %d admitted request(s) in flight", cls.in_flight)
+        self.draining = True
+        log.info("SIGTERM: draining; readiness is now 503, %d admitted request(s) in flight", self.in_flight)
 
-    @classmethod
-    def chain_signal_handler(cls, timeout_s: float) -> None:
+    def chain_signal_handler(self, timeout_s: float) -> None:
         """On SIGTERM: `begin` at once; the handler the server installed (uvicorn's graceful exit) only
         once the admitted calls are done, at most `timeout_s` later. A second SIGTERM hands over at once.
 
@@ -56,29 +62,28 @@ class Drain:
 
         async def hand_over_when_drained(signum, frame) -> None:
             deadline = time.monotonic() + timeout_s
-            while cls.in_flight > 0 and time.monotonic() < deadline:
+            while self.in_flight > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(_POLL_S)
-            if cls.in_flight > 0:
+            if self.in_flight > 0:
                 log.warning("drain: %d admitted request(s) still in flight after %g s; stopping anyway",
-                            cls.in_flight, timeout_s)
+                            self.in_flight, timeout_s)
                 _shorten_server_grace(previous)
             else:
                 log.info("drain: no admitted request left; closing the listener and idle connections")
             hand_over(signum, frame)
 
         def on_sigterm(signum, frame) -> None:
-            if cls.draining:
+            if self.draining:
                 hand_over(signum, frame)
                 return
-            cls.begin()
+            self.begin()
             # Signal handlers run between two bytecodes of the loop's thread: schedule, never await here.
-            loop.call_soon_threadsafe(cls._start_hand_over, loop, hand_over_when_drained(signum, frame))
+            loop.call_soon_threadsafe(self._start_hand_over, loop, hand_over_when_drained(signum, frame))
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
-    @classmethod
-    def _start_hand_over(cls, loop: asyncio.AbstractEventLoop, coroutine) -> None:
-        cls._handing_over = loop.create_task(coroutine)  # kept referenced until it is done
+    def _start_hand_over(self, loop: asyncio.AbstractEventLoop, coroutine) -> None:
+        self._handing_over = loop.create_task(coroutine)  # kept referenced until it is done
 
 
 def _shorten_server_grace(handler) -> None:

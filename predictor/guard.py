@@ -5,7 +5,9 @@ call, whatever its protocol (multipart, v1, v2 JSON, v2 binary), passes the same
 refuse while draining (503) -> authenticate (401) -> rate-limit (429) -> shed when the replica is
 saturated (503) -> refuse a declared oversized body (413) -> count it in flight and run it under the
 request deadline (504), its body read (and, streamed, cut off at the limit: 413) inside that deadline
--> record api_* metrics.
+-> record api_* metrics. Admitted calls carry `request.state.caller` (the identity the rate limit
+counted) and `request.state.api_key_id` (a digest of the presented key; None without keys), so
+routes can tie what they create to its owner.
 """
 
 import asyncio
@@ -13,18 +15,21 @@ import re
 import time
 
 from . import metrics
+from .config import Settings
 from .drain import Drain
 from .errors import ApiError, error_response, overloaded
-from .model import active_model
 from .payloads import v2_binary_framing_error
-from .security import RateLimiter, caller_identity, presented_key
+from .security import RateLimiter, caller_identity, key_id, presented_key
 
-# Calls that need a key (when keys are configured), are rate-limited and count in api_*, by the
-# endpoint label they are counted under (the route template, so paths cannot explode the label set).
+# Calls that need a key (when keys are configured), are rate-limited and count in api_*, with the
+# endpoint label they are counted under: the seed's names (a fixed set, so paths cannot explode it).
 _PREDICTION_PATHS = (
-    (re.compile(r"^/classify/(image|batch)$"), None),
-    (re.compile(r"^/v1/models/[^/]+:predict$"), "/v1/models/{model_name}:predict"),
-    (re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/infer$"), "/v2/models/{model_name}/infer"),
+    (re.compile(r"^/classify/image$"), "classify_image"),
+    (re.compile(r"^/classify/batch$"), "classify_batch"),
+    (re.compile(r"^/classify/jobs$"), "classify_jobs"),
+    (re.compile(r"^/v1/models/[^/]+:predict$"), "v1_predict"),
+    (re.compile(r"^/v1/models/[^/]+:explain$"), "explain"),
+    (re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/infer$"), "v2_infer"),
 )
 
 
@@ -32,38 +37,42 @@ _PREDICTION_PATHS = (
 _READINESS_PATH = re.compile(r"^/health$|^/v2/health/ready$|^/v2/models/[^/]+(?:/versions/[^/]+)?/ready$|^/v1/models/[^/:]+$")
 
 
-def prediction_endpoint(path: str) -> str | None:
-    """The endpoint label of a prediction path, or None for every other path."""
-    for pattern, template in _PREDICTION_PATHS:
+def prediction_endpoint(method: str, path: str) -> str | None:
+    """The endpoint label of a prediction call, or None for every other request (a job's status
+    or cancellation is not a prediction call)."""
+    if method != "POST":
+        return None
+    for pattern, label in _PREDICTION_PATHS:
         if pattern.match(path):
-            return template or path
+            return label
     return None
 
 
 class RequestGuard:
-    """Pure-ASGI middleware applying the checks above to the prediction routes."""
+    """Pure-ASGI middleware applying the checks above to the prediction routes.
 
-    def __init__(self, asgi_app):
+    `limiter` is None when the rate limit is off; `drain` is the process's shutdown state and
+    in-flight count, which this guard keeps.
+    """
+
+    def __init__(self, asgi_app, settings: Settings, drain: Drain, limiter: RateLimiter | None):
         self.app = asgi_app
-        self._limiter: RateLimiter | None = None
-
-    def _rate_limiter(self, per_minute: int) -> RateLimiter:
-        if self._limiter is None or self._limiter.capacity != per_minute:
-            self._limiter = RateLimiter(per_minute)
-        return self._limiter
+        self.settings = settings
+        self.drain = drain
+        self.limiter = limiter
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or (model := active_model()) is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        settings = model.settings
-        if Drain.draining and _READINESS_PATH.match(scope["path"]):
+        settings = self.settings
+        if self.drain.draining and _READINESS_PATH.match(scope["path"]):
             return await error_response(503, "shutting_down", "This replica is shutting down.")(scope, receive, send)
         if scope["path"].startswith("/v2/repository/"):
             # KServe's multi-model repository API (load/unload): unauthenticated, and an unload takes
             # this single-model server out of service. Not served.
             return await error_response(404, "not_found", "The model repository API is not served by this predictor.")(
                 scope, receive, send)
-        endpoint = prediction_endpoint(scope["path"])
+        endpoint = prediction_endpoint(scope["method"], scope["path"])
         if endpoint is None:
             return await self._other(scope, receive, send, settings.max_body_bytes)
         started = time.perf_counter()
@@ -113,7 +122,7 @@ class RequestGuard:
         in, cut off at the size limit; a v2 binary body read whole and its framing checked first) and
         the route. 504 once the deadline passes; the error of a refused body as JSON, never a 500."""
         timeout_s = settings.request_timeout_s
-        Drain.in_flight += 1
+        self.drain.in_flight += 1
         try:
             async with asyncio.timeout(timeout_s):
                 receive = self._counting(receive, settings.max_body_bytes)
@@ -131,11 +140,11 @@ class RequestGuard:
                 raise
             await exc.response()(scope, receive, send)
         finally:
-            Drain.in_flight -= 1
+            self.drain.in_flight -= 1
 
     def _refusal(self, scope, settings, extra_headers: list) -> object | None:
         """A response for a call that must not proceed (draining, no key, over its rate, replica saturated), else None."""
-        if Drain.draining:
+        if self.drain.draining:
             return error_response(503, "shutting_down", "This replica is shutting down; retry on another.",
                                   {"Retry-After": "1", "Connection": "close"})
         headers = dict(scope["headers"])
@@ -144,19 +153,21 @@ class RequestGuard:
             message = "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
             return error_response(401, "unauthorized", message if key is None else "The API key is not valid.",
                                   {"WWW-Authenticate": "Bearer"})
-        if settings.rate_limit_per_minute > 0:
-            identity = caller_identity(scope, key if settings.api_keys.enabled else None, settings.trusted_proxy_hops)
-            decision = self._rate_limiter(settings.rate_limit_per_minute).check(identity)
+        key = key if settings.api_keys.enabled else None
+        identity = caller_identity(scope, key, settings.trusted_proxy_hops)
+        scope.setdefault("state", {}).update(caller=identity, api_key_id=key_id(key) if key is not None else None)
+        if self.limiter is not None:
+            decision = self.limiter.check(identity)
             extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
                                  if k != "Retry-After")
             if not decision.allowed:
                 return error_response(429, "rate_limited",
                                       f"More than {decision.limit} requests per minute; retry in {decision.retry_after_s} s.",
                                       {"Retry-After": str(decision.retry_after_s)})
-        if Drain.in_flight >= settings.max_in_flight:
+        if self.drain.in_flight >= settings.max_in_flight:
             # Refused before the body is read or FastAPI runs: far above saturation a refusal must
             # cost much less than a served call, or the refusals themselves swamp the event loop.
-            return overloaded(f"{Drain.in_flight} calls are already in flight (limit {settings.max_in_flight})").response()
+            return overloaded(f"{self.drain.in_flight} calls are already in flight (limit {settings.max_in_flight})").response()
         return None
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Prometheus metrics: the seed's api_* names plus batching internals (KServe adds its own).
+"""Prometheus metrics: the seed's api_* names, drift signals and batching internals (KServe adds its own).
 
 With `--workers N` (N > 1) every worker process counts in files under PROMETHEUS_MULTIPROC_DIR (set by
 `python -m predictor` before prometheus_client is imported), and `/metrics` sums them: a scrape sees
@@ -27,6 +27,18 @@ QUEUE_DEPTH = Gauge("predictor_queue_depth", "Images admitted and waiting for a 
                     multiprocess_mode="livesum")
 FORWARD_FAILURES = Counter("predictor_forward_failures_total", "Forward passes that raised (their requests got 500)")
 SHED = Counter("predictor_shed_requests_total", "Requests refused with 503 because the replica was saturated (calls in flight or batch queue at their limit)")
+# What the model answers, not only how fast: the class mix and confidence per model version show
+# data drift and let a canary be compared with the stable version.
+PREDICTIONS = Counter("predictor_predictions_total", "Classified images by predicted class and model version",
+                      ["predicted_class", "model_version"])
+CONFIDENCE = Histogram("predictor_confidence", "Confidence (calibrated probability) of the predicted class",
+                       ["model_version"], buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
+
+
+def record_prediction(predicted_class: str, confidence: float, model_version: str) -> None:
+    """Count one classified image for the drift and A/B signals."""
+    PREDICTIONS.labels(predicted_class, model_version).inc()
+    CONFIDENCE.labels(model_version).observe(confidence)
 
 
 def exposition_of(accept: str | None) -> tuple[bytes, str]:

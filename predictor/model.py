@@ -1,88 +1,42 @@
-"""Cifar10Classifier: the kserve.Model behind every endpoint (preprocess -> predict -> postprocess)."""
+"""Cifar10Classifier: the kserve.Model behind every endpoint (preprocess -> predict -> postprocess).
+
+The classification core: decode images off the event loop, batch them with concurrent requests
+through one DynamicBatcher, and turn logits into temperature-scaled probabilities. Which images a
+request carries and what its answer looks like is its protocol adapter's business (predictor.protocols).
+"""
 
 import asyncio
 import concurrent.futures
 import gc
 import logging
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import kserve
 import numpy as np
-from kserve.protocol.infer_type import InferRequest, InferResponse
+from kserve.protocol.infer_type import InferResponse
 
-from . import payloads
+from . import metrics, payloads
 from .batcher import DynamicBatcher
+from .config import Settings
 from .drain import Drain
 from .engine import build_engine, usable_cores
 from .errors import ApiError
 from .imaging import decode_image
 from .network import CLASSES, IMAGE_SIZE, build_resnet18
-from .security import ApiKeys
+from .protocols import ClassifyRequest, Prepared, Slots, adapter_for
 from .quantize import calibration_images
 from .weights import WeightsError, load_model
 
 log = logging.getLogger("predictor")
-_active: "Cifar10Classifier | None" = None
-
-
-def active_model() -> "Cifar10Classifier | None":
-    """The classifier this process serves (set at load, and when a worker process unpickles it)."""
-    return _active
-
-
-@dataclass
-class Settings:
-    """Serving limits and knobs; every one is a flag and an env var (see predictor.config)."""
-
-    model_dir: Path | None = None
-    random_weights: bool = False
-    device: str = "auto"
-    max_batch_size: int = 32
-    max_batch_delay_ms: float = 2.0
-    max_batch_files: int = 64
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_image_side: int = 4096
-    decode_threads: int = 2
-    max_queue_images: int = 256
-    max_in_flight: int = 256
-    request_timeout_s: float = 30.0
-    drain_timeout_s: int = 20
-    api_keys: ApiKeys = field(default_factory=lambda: ApiKeys([]))
-    rate_limit_per_minute: int = 100
-    trusted_proxy_hops: int = 0  # proxies in front appending to X-Forwarded-For (predictor.security.client_address)
-    engine: str = "auto"
-    precision: str = "auto"
-    compile: bool = True
-    intra_op_threads: int = 0  # 0: the usable cores shared out among the worker processes
-    workers: int = 1
-
-
-@dataclass
-class ClassifyRequest:
-    """A /classify/* call: uploaded files (or the error reading one) and the optional top_k."""
-
-    files: list[bytes | ApiError]
-    top_k: int | None = None
-
-
-@dataclass
-class Prepared:
-    """What preprocess hands predict: one decoded image or one error per input slot."""
-
-    protocol: str  # "classify" | "v1" | "v2"
-    slots: list[np.ndarray | ApiError]
-    source: object = None  # the v2 InferRequest, or the ClassifyRequest
-    logits: list[np.ndarray | ApiError] = field(default_factory=list)
 
 
 class Cifar10Classifier(kserve.Model):
     """ResNet18 CIFAR-10 classifier with decoding off the event loop and dynamic batching."""
 
-    def __init__(self, name: str, settings: Settings):
+    def __init__(self, name: str, settings: Settings, drain: Drain | None = None):
         super().__init__(name)
         self.settings = settings
+        self.drain = drain or Drain()  # the batcher waits for company only while other calls are admitted
+        self.network = None  # the fp32 torch network on the CPU, whatever engine serves (explanations use it)
         self.card: dict = {}
         self.temperature = 1.0
         self.version = "untrained"
@@ -94,7 +48,6 @@ class Cifar10Classifier(kserve.Model):
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> bool:
         """Read and verify the weights, place the network, and prove it with one forward pass."""
-        global _active
         if self.settings.random_weights:
             network, self.card = build_resnet18().eval(), {"temperature": 1.0, "note": "random weights (tests only)"}
             self.version = "random-weights"
@@ -102,13 +55,14 @@ class Cifar10Classifier(kserve.Model):
             network, self.card = load_model(self.settings.model_dir)
             self.version = self.card.get("weights_sha256", "")[:12]
         self.temperature = float(self.card.get("temperature", 1.0))
+        self.network = network
         self.runner = build_engine(network, self.card, None if self.settings.random_weights else self.settings.model_dir,
                                    engine=self.settings.engine, device=self.settings.device,
                                    precision=self.settings.precision, max_batch_size=self.settings.max_batch_size,
                                    threads=self.settings.intra_op_threads or max(1, usable_cores() // self.settings.workers),
                                    compile=self.settings.compile, calibration=self._calibration_images())
         self.batcher = DynamicBatcher(self.runner.logits, self.settings.max_batch_size, self.settings.max_batch_delay_ms,
-                                     self.settings.max_queue_images, Drain.calls_in_flight)
+                                     self.settings.max_queue_images, self.drain.calls_in_flight)
         self.runner.logits(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # proves the pass; raises if broken
         self.forward_ok = True
         # Compilation leaves millions of long-lived objects behind; a full garbage collection walking
@@ -116,7 +70,6 @@ class Cifar10Classifier(kserve.Model):
         gc.collect()
         gc.freeze()
         self.ready = True
-        _active = self
         log.info("loaded %s (version %s) on %s in %.1f s (precision asked: %s), temperature %.3f", self.name, self.version,
                  self.runner.description, self.runner.startup_seconds, self.settings.precision, self.temperature)
         return self.ready
@@ -138,29 +91,16 @@ class Cifar10Classifier(kserve.Model):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        global _active
         self.__dict__.update(state)
-        _active = self
 
     # -- KServe handlers -------------------------------------------------------------------------
     def validate(self, payload):
         return payload  # preprocess has already validated every protocol's input
 
     async def preprocess(self, payload, headers: dict[str, str] | None = None) -> Prepared:
-        """Any accepted body -> decoded 32x32 images, decoded in a thread pool, never on the loop."""
-        limit = self.settings.max_batch_files
-        if isinstance(payload, ClassifyRequest):
-            return Prepared("classify", await self._decode_all(payload.files, keep_errors=True), payload)
-        if isinstance(payload, InferRequest):
-            encoded, pixels = payloads.v2_input(payload, limit)
-            slots = list(pixels) if pixels is not None else await self._decode_all(encoded, keep_errors=False)
-            return Prepared("v2", slots, payload)
-        if isinstance(payload, (bytes, bytearray)):  # v1 with a non-JSON content type
-            payload = bytes(payload)
-            if not payload.lstrip().startswith(b"{"):  # an image body; decode_image sniffs its real format
-                return Prepared("v1", await self._decode_all([payload], keep_errors=False))
-            payload = payloads.json_object(payload)
-        return Prepared("v1", await self._decode_all(payloads.v1_instances(payload, limit), keep_errors=False))
+        """Any accepted body -> one decoded 32x32 image (or error) per slot, decoded off the event loop."""
+        adapter = adapter_for(payload)
+        return Prepared(adapter, payload, await adapter.slots(payload, self._decode_all, self.settings.max_batch_files))
 
     async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
         """Logits for every decoded slot, through the shared dynamic batcher."""
@@ -171,17 +111,17 @@ class Cifar10Classifier(kserve.Model):
 
     async def postprocess(self, result: Prepared, headers: dict[str, str] | None = None,
                           response_headers: dict[str, str] | None = None) -> dict | InferResponse:
-        """Temperature-scaled probabilities in the shape the caller's protocol expects."""
+        """Temperature-scaled probabilities, counted for drift monitoring, in the caller's protocol's shape."""
         probabilities = [self.probabilities(x) if isinstance(x, np.ndarray) else x for x in result.logits]
-        if result.protocol == "v2":
-            request: InferRequest = result.source
-            request.id = request.id or str(uuid.uuid4())
-            return payloads.v2_response(request, self.name, self.version, np.stack(probabilities))
-        if result.protocol == "v1":
-            return {"predictions": [payloads.classification(p) for p in probabilities]}
-        # Failed slots stay ApiError objects: /classify/image raises its one, /classify/batch renders them.
-        top_k = result.source.top_k
-        return {"results": [payloads.classification(p, top_k) if isinstance(p, np.ndarray) else p for p in probabilities]}
+        for p in probabilities:
+            if isinstance(p, np.ndarray):
+                metrics.record_prediction(CLASSES[int(p.argmax())], float(p.max()), self.version)
+        return result.adapter.render(result.source, probabilities, self.name, self.version)
+
+    async def classify(self, files: list[bytes | ApiError], top_k: int | None = None) -> Slots:
+        """The multipart core: one result dict (the seed's fields, no timestamp) or ApiError per file."""
+        response, _ = await self(ClassifyRequest(files, top_k))
+        return response["results"]
 
     def get_input_types(self) -> list[dict]:
         return payloads.V2_INPUTS
@@ -197,7 +137,7 @@ class Cifar10Classifier(kserve.Model):
         exp = np.exp(scaled)
         return (exp / exp.sum()).astype(np.float32)
 
-    async def _decode_all(self, files: list[bytes | ApiError], keep_errors: bool) -> list[np.ndarray | ApiError]:
+    async def _decode_all(self, files: list[bytes | ApiError], keep_errors: bool) -> Slots:
         """Decode files concurrently off the loop; a bad file is kept as its error or raised at once."""
         if self._decoder is None:
             self._decoder = concurrent.futures.ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
@@ -225,8 +165,3 @@ class Cifar10Classifier(kserve.Model):
                 "load_seconds": runner.startup_seconds if runner else None,
                 "temperature": self.temperature, "max_batch_size": self.settings.max_batch_size}
 
-
-# The HTTP routes belong with the model: importing them here (not only from __main__) means every
-# process that has the model has its routes, including the worker processes that KServe spawns
-# for --workers > 1, which unpickle the model but never run predictor.__main__.
-from . import routes  # noqa: E402,F401

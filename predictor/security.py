@@ -52,10 +52,15 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
     return None
 
 
+def key_id(key: str) -> str:
+    """A stable, non-secret name for an API key (a sha256 prefix): safe to store and to log."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def caller_identity(scope: dict, key: str | None, trusted_proxy_hops: int) -> str:
     """What the rate limit counts against: the API key (as a digest), else the client's address."""
     if key is not None:
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+        return "key:" + key_id(key)
     return "addr:" + client_address(scope, trusted_proxy_hops)
 
 
@@ -143,6 +148,13 @@ class RateLimiter:
         self._buckets[caller] = (tokens, now)
         if len(self._buckets) > self.max_callers:
             self._buckets.popitem(last=False)
-        return Decision(allowed, self.capacity, int(tokens),
+        return Decision(allowed, self.capacity, max(0, int(tokens)),
                         0 if allowed else math.ceil((1.0 - tokens) / self.rate),
                         math.ceil((self.capacity - tokens) / self.rate))
+
+    def charge(self, caller: str, cost: float) -> None:
+        """Take `cost` more tokens from an admitted call (a job's files beyond its first), into debt if need be:
+        the caller's next calls wait until the bucket has refilled past it. Never refuses the call itself."""
+        now = self.clock()
+        tokens, updated = self._buckets.pop(caller, (float(self.capacity), now))
+        self._buckets[caller] = (min(float(self.capacity), tokens + (now - updated) * self.rate) - cost, now)

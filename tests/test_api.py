@@ -194,10 +194,10 @@ def test_metrics_names_and_seed_queries(server, cifar_jpegs):
     server.client.post("/classify/image", files={"file": cifar_jpegs["cat_0000.jpg"]})
     server.client.post("/classify/image", files={"file": b"nope"})
     text = server.client.get("/metrics").text
-    assert re.search(r'api_requests_total\{code="200",endpoint="/classify/image",status="success"\} \d', text)
-    assert re.search(r'api_requests_total\{code="415",endpoint="/classify/image",status="error"\} \d', text)
-    assert 'api_request_latency_seconds_bucket{endpoint="/classify/image",le="0.001"}' in text
-    assert 'api_request_latency_seconds_bucket{endpoint="/classify/image",le="10.0"}' in text
+    assert re.search(r'api_requests_total\{code="200",endpoint="classify_image",status="success"\} \d', text)
+    assert re.search(r'api_requests_total\{code="415",endpoint="classify_image",status="error"\} \d', text)
+    assert 'api_request_latency_seconds_bucket{endpoint="classify_image",le="0.001"}' in text
+    assert 'api_request_latency_seconds_bucket{endpoint="classify_image",le="10.0"}' in text
     for name in ("request_predict_seconds_bucket", "request_preprocess_seconds_bucket", "predictor_batch_size_bucket",
                  "predictor_queue_depth", "predictor_forward_failures_total"):
         assert name in text

@@ -261,14 +261,14 @@ def test_promtool_unit_tests_each_alert(tmp_path):
     # Annotations are checked by `promtool check rules`; the unit tests compare labels.
     rules = rules_file(objects, tmp_path / "rules.yaml", annotations=False)
     sel = f'namespace="{NAMESPACE}", job="{RELEASE}"'
-    api = f'api_requests_total{{{sel}, endpoint="/classify/image"'
+    api = f'api_requests_total{{{sel}, endpoint="classify_image"'
     error_ratio = 2 * values["errorRate"]["threshold"]  # twice the threshold, during the burst
     errors_per_min = math.ceil(900 * error_ratio / (1 - error_ratio))
     t = values["latency"]["threshold"]
     fast, slow = t / 5, 2 * t  # bucket bounds: all under the threshold, then all above it
 
     def bucket(le, values_):
-        return {"series": f'api_request_latency_seconds_bucket{{{sel}, endpoint="/classify/image", le="{le}"}}',
+        return {"series": f'api_request_latency_seconds_bucket{{{sel}, endpoint="classify_image", le="{le}"}}',
                 "values": values_}
 
     def minutes(duration: str) -> int:

@@ -212,7 +212,7 @@ def test_calls_beyond_the_in_flight_limit_are_refused_before_their_body_is_read(
         assert upload(srv.client, image).status_code == 200
         metrics = srv.client.get("/metrics").text
         assert re.search(r"^predictor_shed_requests_total (\d+)", metrics, re.M).group(1) == "1"
-        assert 'api_requests_total{code="503",endpoint="/classify/image",status="error"} 1.0' in metrics
+        assert 'api_requests_total{code="503",endpoint="classify_image",status="error"} 1.0' in metrics
     finally:
         srv.stop()
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from predictor.calibration import expected_calibration_error, fit_temperature
-from predictor.model import Cifar10Classifier, Settings
+from predictor.config import Settings
+from predictor.model import Cifar10Classifier
 from predictor.network import CLASSES
 from predictor.payloads import classification
 

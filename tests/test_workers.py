@@ -57,7 +57,7 @@ def counted(path, endpoint: str) -> float:
 
 def test_metrics_count_every_worker(two_workers, cifar_jpegs):
     images = list(cifar_jpegs.values())
-    before = scraped_total(two_workers.url, "/classify/image")
+    before = scraped_total(two_workers.url, "classify_image")
 
     def one(i: int) -> int:  # a connection per call: the kernel spreads the accepts over the workers
         return httpx.post(f"{two_workers.url}/classify/image", files={"file": images[i % len(images)]},
@@ -66,7 +66,7 @@ def test_metrics_count_every_worker(two_workers, cifar_jpegs):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert set(pool.map(one, range(REQUESTS))) == {200}
     # Both workers counted some of them (each process writes its own file), so one worker's count is short.
-    served_by = [path for path in two_workers.metrics_dir.glob("counter_*.db") if counted(path, "/classify/image")]
+    served_by = [path for path in two_workers.metrics_dir.glob("counter_*.db") if counted(path, "classify_image")]
     assert len(served_by) >= 2, served_by
     for _ in range(6):
-        assert scraped_total(two_workers.url, "/classify/image") - before == REQUESTS
+        assert scraped_total(two_workers.url, "classify_image") - before == REQUESTS

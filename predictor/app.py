@@ -1,0 +1,43 @@
+"""Wiring: puts one classifier's HTTP side on KServe's FastAPI app.
+
+KServe serves `kserve.model_server.app` (its worker processes import it by name), so this does not
+build a new app: `install` adds, to the app it is given, our routes (ahead of KServe's, which it
+registers when the server starts), the error format, the guard in front of every route, and the
+drain on SIGTERM. `python -m predictor` calls it in the serving process and `predictor.workers` in
+each worker process; nothing is registered at import time.
+"""
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .error_handlers import install_error_handlers
+from .guard import RequestGuard
+from .model import Cifar10Classifier
+from .routes import build_router
+from .security import RateLimiter
+
+log = logging.getLogger("predictor")
+
+
+def install(app: FastAPI, model: Cifar10Classifier) -> None:
+    """Serve `model` on `app`: routes, error format, guard (with the model's settings) and drain."""
+    settings, drain = model.settings, model.drain
+    app.include_router(build_router(model))
+    install_error_handlers(app)
+    limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute > 0 else None
+    app.add_middleware(RequestGuard, settings=settings, drain=drain, limiter=limiter)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        # KServe registers its own handlers (plain-string errors) just before the server starts; put
+        # ours back on top and have Starlette rebuild its middleware stack with them.
+        install_error_handlers(app)
+        app.middleware_stack = None
+        # The server's own SIGTERM handler is in place by now; it runs once the admitted calls are done.
+        drain.chain_signal_handler(timeout_s=settings.drain_timeout_s)
+        yield
+        log.info("drained: %d admitted request(s) still in flight at exit", drain.in_flight)
+
+    app.router.lifespan_context = lifespan

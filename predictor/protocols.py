@@ -1,0 +1,100 @@
+"""One thin adapter per protocol: which images a request carries, and how its answer is shaped.
+
+The classification core (`Cifar10Classifier`: decode -> batch -> probabilities) is the same for all
+of them; an adapter only reads its protocol's body into image slots and renders the probabilities
+back into that protocol's response:
+
+- multipart (`/classify/image`, `/classify/batch`, jobs): `ClassifyRequest`, a bad file kept as an
+  error in its slot;
+- KServe v1 (`:predict`): `{"instances": [...]}` JSON, or an image sent as the whole body;
+- KServe v2 (`/infer`), JSON or the binary-data extension: base64 images or ready 32x32 pixels.
+"""
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from kserve.protocol.infer_type import InferRequest, InferResponse
+
+from . import payloads
+from .errors import ApiError
+
+Slots = list[np.ndarray | ApiError]
+# Decodes encoded images off the event loop: (files, keep_errors) -> one image or error per file.
+Decoder = Callable[[list[bytes | ApiError], bool], Awaitable[Slots]]
+
+
+@dataclass
+class ClassifyRequest:
+    """A multipart call's uploaded files (or the error reading one) and the optional top_k."""
+
+    files: list[bytes | ApiError]
+    top_k: int | None = None
+
+
+class MultipartAdapter:
+    """`/classify/*`: every file gets a slot; a bad one keeps its error there instead of failing the call."""
+
+    @staticmethod
+    async def slots(request: ClassifyRequest, decode: Decoder, max_images: int) -> Slots:
+        return await decode(request.files, True)
+
+    @staticmethod
+    def render(request: ClassifyRequest, probabilities: Slots, model_name: str, version: str) -> dict:
+        return {"results": [payloads.classification(p, request.top_k) if isinstance(p, np.ndarray) else p
+                            for p in probabilities]}
+
+
+class V1Adapter:
+    """KServe v1 `:predict`: a JSON body of base64 instances, or (any non-JSON body) one image."""
+
+    @staticmethod
+    async def slots(body: dict | bytes, decode: Decoder, max_images: int) -> Slots:
+        if isinstance(body, (bytes, bytearray)):  # sent with a non-JSON content type
+            body = bytes(body)
+            if not body.lstrip().startswith(b"{"):  # an image body; decode_image sniffs its real format
+                return await decode([body], False)
+            body = payloads.json_object(body)
+        return await decode(payloads.v1_instances(body, max_images), False)
+
+    @staticmethod
+    def render(body: dict | bytes, probabilities: Slots, model_name: str, version: str) -> dict:
+        return {"predictions": [payloads.classification(p) for p in probabilities]}
+
+
+class V2Adapter:
+    """KServe v2 `/infer`: an `image` BYTES input (base64 in JSON) or a `pixels` UINT8 input."""
+
+    @staticmethod
+    async def slots(request: InferRequest, decode: Decoder, max_images: int) -> Slots:
+        encoded, pixels = payloads.v2_input(request, max_images)
+        return list(pixels) if pixels is not None else await decode(encoded, False)
+
+    @staticmethod
+    def render(request: InferRequest, probabilities: Slots, model_name: str, version: str) -> InferResponse:
+        request.id = request.id or str(uuid.uuid4())
+        return payloads.v2_response(request, model_name, version, np.stack(probabilities))
+
+
+Adapter = type[MultipartAdapter] | type[V1Adapter] | type[V2Adapter]
+
+
+def adapter_for(payload: object) -> Adapter:
+    """The adapter of the body KServe (or our multipart routes) hands the model."""
+    if isinstance(payload, ClassifyRequest):
+        return MultipartAdapter
+    if isinstance(payload, InferRequest):
+        return V2Adapter
+    return V1Adapter
+
+
+@dataclass
+class Prepared:
+    """What preprocess hands predict (and predict hands postprocess): the request, its adapter, one
+    decoded image or error per slot, and then one row of logits or error per slot."""
+
+    adapter: Adapter
+    source: object
+    slots: Slots
+    logits: Slots = field(default_factory=list)

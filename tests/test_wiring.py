@@ -1,0 +1,60 @@
+"""Explicit wiring: an app is built from a model and its settings, in-process, with nothing global.
+
+(The served process, KServe's routes and worker processes included, is tested through real servers
+everywhere else; `tests/test_workers.py` covers `--workers 2`.)
+"""
+
+import asyncio
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from predictor.app import install
+from predictor.config import Settings, default_model_dir
+from predictor.model import Cifar10Classifier
+from predictor.security import ApiKeys
+
+
+@pytest.fixture(scope="module")
+def two_apps():
+    """Two classifiers with different settings, each installed on its own app, in one process."""
+    apps = {}
+    for name, keys in (("open", []), ("locked", ["s3cret"])):
+        model = Cifar10Classifier(name, Settings(model_dir=default_model_dir(), api_keys=ApiKeys(keys),
+                                                rate_limit_per_minute=0))
+        model.load()
+        app = FastAPI()
+        install(app, model)
+        apps[name] = app
+    return apps
+
+
+def call(app: FastAPI, method: str, path: str, **kwargs) -> httpx.Response:
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(run())
+
+
+def test_each_app_serves_its_own_model_with_its_own_settings(two_apps, cifar_jpegs):
+    name, data = next(iter(cifar_jpegs.items()))
+    upload = {"file": (name, data, "image/jpeg")}
+    opened = call(two_apps["open"], "POST", "/classify/image", files=upload)
+    assert opened.status_code == 200, opened.text
+    assert set(opened.json()) >= {"predicted_class", "confidence", "all_probabilities", "timestamp"}
+    assert call(two_apps["open"], "GET", "/health").json()["name"] == "open"
+    # The other app's guard holds its own settings: keys are required there, and only there.
+    refused = call(two_apps["locked"], "POST", "/classify/image", files=upload)
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+    allowed = call(two_apps["locked"], "POST", "/classify/image", files=upload, headers={"X-API-Key": "s3cret"})
+    assert allowed.status_code == 200 and allowed.json()["predicted_class"] == opened.json()["predicted_class"]
+    assert call(two_apps["locked"], "GET", "/health").json()["name"] == "locked"
+
+
+def test_the_error_format_is_installed_with_the_routes(two_apps):
+    bad = call(two_apps["open"], "POST", "/classify/image", files={"file": ("x.jpg", b"not an image", "image/jpeg")})
+    assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_media_type"
+    missing = call(two_apps["open"], "POST", "/classify/image")
+    assert missing.status_code == 422 and missing.json()["error"]["code"] == "invalid_request"
