@@ -1,6 +1,6 @@
 """Closed-loop HTTP load: C concurrent clients upload real CIFAR-10 JPEGs for a fixed time.
 
-Each client posts multipart `file` uploads back to back over a keep-alive connection; throughput
+Each client posts multipart `file` uploads (or raw image bodies) back to back over a keep-alive connection; throughput
 and latencies count the successful (200) requests, and 503s (load shedding) are counted apart.
 The generator reports its own CPU time so it can be shown not to be the bottleneck.
 """
@@ -34,7 +34,7 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float) -> LoadResult:
+async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float, raw: bool) -> LoadResult:
     latencies: list[float] = []
     errors = shed = 0
     counter = itertools.count()
@@ -48,10 +48,15 @@ async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, 
         async def client() -> None:
             nonlocal errors, shed
             while (now := time.perf_counter()) < stop_at:
-                form = aiohttp.FormData()
-                form.add_field("file", images[next(counter) % len(images)], filename="image.jpg", content_type="image/jpeg")
+                image = images[next(counter) % len(images)]
+                if raw:  # the image as the whole body (KServe v1 :predict / :explain)
+                    request = {"data": image, "headers": {"content-type": "image/jpeg"}}
+                else:
+                    form = aiohttp.FormData()
+                    form.add_field("file", image, filename="image.jpg", content_type="image/jpeg")
+                    request = {"data": form}
                 try:
-                    async with session.post(url, data=form) as response:
+                    async with session.post(url, **request) as response:
                         await response.read()
                         status = response.status
                 except (aiohttp.ClientError, asyncio.TimeoutError):
@@ -77,5 +82,7 @@ async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, 
     )
 
 
-def run_load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float = 2.0) -> LoadResult:
-    return asyncio.run(_run(url, images, concurrency, seconds, warmup))
+def run_load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float = 2.0,
+             raw: bool = False) -> LoadResult:
+    """Multipart `file` uploads, or with `raw` each image as the whole request body."""
+    return asyncio.run(_run(url, images, concurrency, seconds, warmup, raw))

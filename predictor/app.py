@@ -12,7 +12,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from .demo import build_ui_router
 from .error_handlers import install_error_handlers
+from .explain import build_explain_router
 from .guard import RequestGuard
 from .model import Cifar10Classifier
 from .routes import build_router
@@ -25,6 +27,8 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     """Serve `model` on `app`: routes, error format, guard (with the model's settings) and drain."""
     settings, drain = model.settings, model.drain
     app.include_router(build_router(model))
+    app.include_router(build_explain_router(model))
+    app.include_router(build_ui_router(model))
     install_error_handlers(app)
     limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute > 0 else None
     app.add_middleware(RequestGuard, settings=settings, drain=drain, limiter=limiter)
