@@ -9,16 +9,21 @@ import copy
 import functools
 import gzip
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import jsonschema
 import kubernetes_validate
 import yaml
+
+from .conftest import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "cifar10-classifier"
@@ -65,16 +70,25 @@ def helm_args(values_file: Path | None = None, sets: tuple[str, ...] = ()) -> li
     return args
 
 
+# The optional APIs the chart renders objects of only where the cluster serves them (as
+# `make manifests` passes them, deploy.mk OPTIONAL_APIS): a cluster with Istio and the Prometheus Operator.
+OPTIONAL_APIS = ("monitoring.coreos.com/v1/PodMonitor", "monitoring.coreos.com/v1/PrometheusRule",
+                 "networking.istio.io/v1/VirtualService", "networking.istio.io/v1/Gateway",
+                 "security.istio.io/v1/RequestAuthentication", "security.istio.io/v1/AuthorizationPolicy")
+
+
 @functools.lru_cache(maxsize=64)
 def render_text(values_file: Path | None = None, sets: tuple[str, ...] = (), release: str = RELEASE,
-                namespace: str = NAMESPACE) -> str:
+                namespace: str = NAMESPACE, api_versions: tuple[str, ...] = OPTIONAL_APIS) -> str:
+    apis = [arg for api in api_versions for arg in ("--api-versions", api)]
     return run([tool(HELM), "template", release, CHART, "--namespace", namespace, "--kube-version", KUBE_VERSIONS[-1],
-                *helm_args(values_file, sets)]).stdout
+                *apis, *helm_args(values_file, sets)]).stdout
 
 
 def render(values_file: Path | None = None, sets: tuple[str, ...] = (), release: str = RELEASE,
            namespace: str = NAMESPACE) -> list[dict]:
-    """The chart's objects for these values (deep copies: callers may change them)."""
+    """The chart's objects for these values on a cluster with every optional API (deep copies:
+    callers may change them)."""
     return copy.deepcopy([d for d in yaml.safe_load_all(render_text(values_file, sets, release, namespace)) if d])
 
 
@@ -88,8 +102,9 @@ def render_notes(values_file: Path | None = None, sets: tuple[str, ...] = (), re
         notes = (chart / "templates" / "NOTES.txt").read_text()
         (chart / "templates" / "_zz_notes.tpl").write_text('{{- define "test.notes" -}}\n' + notes + "\n{{- end }}\n")
         (chart / "templates" / "zz-notes.yaml").write_text('notes: |\n{{ include "test.notes" . | indent 2 }}\n')
+        apis = [arg for api in OPTIONAL_APIS for arg in ("--api-versions", api)]
         out = run([tool(HELM), "template", release, chart, "--namespace", namespace, "--show-only", "templates/zz-notes.yaml",
-                   *helm_args(values_file, sets)]).stdout
+                   *apis, *helm_args(values_file, sets)]).stdout
     return yaml.safe_load(out)["notes"]
 
 
@@ -109,6 +124,67 @@ def predictor_container(objects: list[dict]) -> dict:
     named = [c for c in containers if c["name"] == "kserve-container"]
     assert len(named) == 1, "the InferenceService needs exactly one container named kserve-container"
     return named[0]
+
+
+# -- what the cluster makes of the InferenceService ------------------------------------------------------
+# knative/serving pkg/reconciler/revision/resources/queue.go: the queue-proxy's ports.
+QUEUE_PROXY_PORTS = (("queue-port", 8012), ("https-port", 8112), ("http-queueadm", 8022), ("http-autometric", 9090),
+                     ("http-usermetric", 9091), ("profiling-port", 8008))
+# kserve pkg/constants: queue-proxy's port for aggregated metrics, and the webhook's default scrape port.
+KSERVE_AGGREGATE_PORT, KSERVE_DEFAULT_POD_PROMETHEUS_PORT = 9088, 9091
+
+
+def kserve_pod(objects: list[dict]) -> dict:
+    """The predictor pod as it lands in the cluster, before KServe's pod webhook. Both modes:
+    KServe puts the InferenceService's annotations and the predictor's on the pod (Knative: through
+    the revision template), with its labels. Knative mode (knative/serving
+    pkg/reconciler/revision/resources/deploy.go): queue-proxy is added, the user container's one port
+    becomes `user-port` (UserPortName) with the same number, PORT is set, and the readiness probe moves
+    into queue-proxy. Standard mode: KServe's Deployment keeps the container as written."""
+    isvc = one(objects, "InferenceService")
+    predictor = copy.deepcopy(isvc["spec"]["predictor"])
+    name = isvc["metadata"]["name"]
+    knative = isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+    labels = {**predictor.pop("labels", {}), **isvc["metadata"].get("labels", {}),
+              "serving.kserve.io/inferenceservice": name, "component": "predictor"}
+    annotations = {**isvc["metadata"].get("annotations", {}), **predictor.pop("annotations", {})}
+    containers = predictor.pop("containers")
+    spec = {k: v for k, v in predictor.items() if k not in ("minReplicas", "maxReplicas", "scaleMetric", "scaleTarget",
+                                                           "containerConcurrency", "timeout", "canaryTrafficPercent",
+                                                           "autoScaling", "deploymentStrategy")}
+    if knative:
+        user = containers[0]
+        port = user["ports"][0]["containerPort"] if user.get("ports") else 8080
+        user["ports"] = [{"name": "user-port", "containerPort": port}]
+        user["env"] = [*user.get("env", []), {"name": "PORT", "value": str(port)}]
+        user.pop("readinessProbe", None)
+        queue = {"name": "queue-proxy", "image": "gcr.io/knative-releases/queue",
+                 "ports": [{"name": n, "containerPort": p} for n, p in QUEUE_PROXY_PORTS]}
+        containers = [queue, *containers]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{name}-predictor-00001-deployment-x", "labels": labels, "annotations": annotations},
+            "spec": {**spec, "containers": containers}}
+
+
+def kserve_pod_webhook(pod: dict, cluster: dict, pod_annotations: dict | None = None) -> dict:
+    """KServe's pod webhook, InjectMetricsAggregator (kserve pkg/webhook/admission/pod/
+    metrics_aggregate_injector.go): unset annotations take the cluster's inferenceservice-config
+    `metricsAggregator` values; with scraping "true" prometheus.io/port becomes queue-proxy's 9091, or
+    9088 (a port added to queue-proxy) with aggregation."""
+    pod = copy.deepcopy(pod)
+    annotations = pod["metadata"].setdefault("annotations", {})
+    annotations.update(pod_annotations or {})
+    aggregate = annotations.setdefault("serving.kserve.io/enable-metric-aggregation", cluster["enableMetricAggregation"])
+    if aggregate == "true":
+        for container in pod["spec"]["containers"]:
+            if container["name"] == "queue-proxy":
+                container["ports"].append({"name": "aggr-metric", "containerPort": KSERVE_AGGREGATE_PORT})
+    scrape = annotations.setdefault("serving.kserve.io/enable-prometheus-scraping", cluster["enablePrometheusScraping"])
+    if scrape == "true":
+        port = KSERVE_AGGREGATE_PORT if aggregate == "true" else KSERVE_DEFAULT_POD_PROMETHEUS_PORT
+        annotations["prometheus.io/port"] = str(port)
+        annotations["prometheus.io/path"] = "/metrics"
+    return pod
 
 
 # -- strict validation ----------------------------------------------------------------------------
@@ -205,6 +281,90 @@ def validate_object(obj: dict) -> str:
     except kubernetes_validate.ValidationError as exc:
         raise AssertionError(f"{name}: {'.'.join(map(str, exc.path))}: {exc.message}") from None
     return f"CRD schema {api_version} {kind} (strict)"
+
+
+# -- a real Prometheus ------------------------------------------------------------------------------
+# The seed's three PromQL queries (request rate, error rate, p95 latency), verbatim.
+SEED_QUERIES = (
+    'rate(api_requests_total{endpoint="classify_image"}[5m])',
+    'rate(api_requests_total{endpoint="classify_image", status="error"}[5m]) / rate(api_requests_total{endpoint="classify_image"}[5m])',
+    'histogram_quantile(0.95, rate(api_request_latency_seconds_bucket{endpoint="classify_image"}[5m]))',
+)
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.5):
+    """Polls `check` until it returns something true; its last value or error is in the failure."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (httpx.TransportError, ValueError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def rules_file(objects: list[dict], path: Path, annotations: bool = True) -> Path:
+    """The PrometheusRule's groups as a Prometheus rule file (promtool's unit tests compare labels only)."""
+    groups = one(objects, "PrometheusRule")["spec"]["groups"]
+    if not annotations:
+        groups = [{**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]} for g in groups]
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
+
+
+class Prometheus:
+    """Debian's Prometheus scraping one predictor the way the Prometheus Operator scrapes a
+    PodMonitor's target (path, interval, the job label from the pod label), evaluating `rules`."""
+
+    def __init__(self, folder: Path, target: str, endpoint: dict, job: str, labels: dict, rules: Path):
+        config = {
+            "global": {"scrape_interval": endpoint["interval"], "scrape_timeout": endpoint["scrapeTimeout"],
+                       "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [{
+                "job_name": f"podMonitor/{NAMESPACE}/{job}/0",
+                "metrics_path": endpoint["path"], "scheme": endpoint["scheme"],
+                "scrape_interval": endpoint["interval"], "scrape_timeout": endpoint["scrapeTimeout"],
+                "static_configs": [{"targets": [target], "labels": labels}],
+                "relabel_configs": [{"target_label": "job", "replacement": job}],
+            }],
+        }
+        (folder / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+        run([tool(PROMTOOL), "check", "config", folder / "prometheus.yml"])
+        web = f"127.0.0.1:{free_port()}"
+        self.log_path = folder / "prometheus.log"
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen([tool(PROMETHEUS), f"--config.file={folder / 'prometheus.yml'}",
+                                         f"--storage.tsdb.path={folder / 'data'}", f"--web.listen-address={web}",
+                                         "--log.level=warn"], stdout=self._log, stderr=subprocess.STDOUT, cwd=folder)
+        self.client = httpx.Client(base_url=f"http://{web}", timeout=10)
+        try:
+            wait_for(lambda: self.process.poll() is None and self.client.get("/-/ready").status_code == 200, 60,
+                     "Prometheus to be ready")
+        except AssertionError:
+            self.stop()
+            raise
+
+    def query(self, expression: str) -> list:
+        body = self.client.get("/api/v1/query", params={"query": expression}).json()
+        assert body["status"] == "success", (expression, body)
+        return body["data"]["result"]
+
+    def has_data(self, expression: str) -> bool:
+        return any(math.isfinite(float(sample["value"][1])) for sample in self.query(expression))
+
+    def firing(self) -> set[str]:
+        alerts = self.client.get("/api/v1/alerts").json()["data"]["alerts"]
+        return {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
+
+    def stop(self) -> None:
+        self.client.close()
+        stop_process(self.process)
+        self._log.close()
 
 
 # -- the Dockerfile ---------------------------------------------------------------------------------

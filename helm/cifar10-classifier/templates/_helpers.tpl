@@ -93,15 +93,114 @@ PromQL label matcher selecting this InferenceService's pods, as the PodMonitor l
 {{- end }}
 
 {{/*
-Istio Gateways of the VirtualService: the configured ones plus the created one.
+Whether the cluster serves an optional API ("group/version/Kind"), or extraAPIVersions says it will
+(CRDs installed in the same sync). Called with (list $ "group/version/Kind"); "true" or "".
+*/}}
+{{- define "cifar10.hasAPI" -}}
+{{- $root := index . 0 }}{{ $api := index . 1 }}
+{{- if or ($root.Capabilities.APIVersions.Has $api) (has $api $root.Values.extraAPIVersions) }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether the chart's own Istio route is rendered: wanted, and Istio's VirtualService API is there.
+*/}}
+{{- define "cifar10.routed" -}}
+{{- if and .Values.istio.virtualService.enabled (include "cifar10.hasAPI" (list . "networking.istio.io/v1/VirtualService")) }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether the chart creates its own Istio Gateway: asked for, or Standard mode with no gateway named
+(Standard mode must not depend on Knative's knative-ingress-gateway).
+*/}}
+{{- define "cifar10.createGateway" -}}
+{{- $auto := and (eq .Values.deploymentMode "Standard") (include "cifar10.routed" .) (not .Values.istio.virtualService.gateways) }}
+{{- if and (or .Values.istio.gateway.create $auto) (include "cifar10.hasAPI" (list . "networking.istio.io/v1/Gateway")) }}true{{ end }}
+{{- end }}
+
+{{/*
+Istio Gateways of the VirtualService: the configured ones plus the created one; none configured
+in Knative mode means Knative's knative-ingress-gateway.
 */}}
 {{- define "cifar10.gateways" -}}
 {{- $gateways := list }}
 {{- range .Values.istio.virtualService.gateways }}{{ $gateways = append $gateways . }}{{ end }}
-{{- if .Values.istio.gateway.create }}
+{{- if include "cifar10.createGateway" . }}
 {{- $gateways = append $gateways (printf "%s/%s-gateway" .Release.Namespace (include "cifar10.fullname" .)) }}
+{{- else if and (not $gateways) (eq .Values.deploymentMode "Knative") }}
+{{- $gateways = list "knative-serving/knative-ingress-gateway" }}
 {{- end }}
 {{- toYaml $gateways }}
+{{- end }}
+
+{{/*
+Host names of the route: the configured ones, else `<name>.<namespace>.<domain>`, which no other
+release shares (a `*` route on a shared gateway would capture every release's paths).
+*/}}
+{{- define "cifar10.hosts" -}}
+{{- $hosts := .Values.istio.virtualService.hosts }}
+{{- if not $hosts }}
+{{- $hosts = list (printf "%s.%s.%s" (include "cifar10.fullname" .) .Release.Namespace .Values.istio.virtualService.domain) }}
+{{- end }}
+{{- toYaml $hosts }}
+{{- end }}
+
+{{/*
+The timeout chain, derived here only. The predictor's deadline (REQUEST_TIMEOUT_S) comes first,
+then the client-facing route: deadline + margin, plus the cold start when Knative may scale to zero
+(the activator holds the request meanwhile). Each retry try may take the whole route timeout.
+Knative's revision timeout (queue-proxy and activator) must not cut the route's requests, and it is
+also the pods' grace period: it covers the queue-proxy drain, the predictor's drain and a margin.
+*/}}
+{{- define "cifar10.routeTimeoutSeconds" -}}
+{{- $t := add (int .Values.limits.requestTimeoutSeconds) (int .Values.timeouts.marginSeconds) }}
+{{- if and (eq .Values.deploymentMode "Knative") (eq (int .Values.autoscaling.minReplicas) 0) }}
+{{- $t = add $t (int .Values.timeouts.coldStartSeconds) }}
+{{- end }}
+{{- $t }}
+{{- end }}
+
+{{- define "cifar10.revisionTimeoutSeconds" -}}
+{{- $drain := add (include "cifar10.knativeDrainSeconds" . | int) (int .Values.shutdown.drainTimeoutSeconds) (int .Values.shutdown.marginSeconds) }}
+{{- max (include "cifar10.routeTimeoutSeconds" . | int) $drain }}
+{{- end }}
+
+{{/*
+Knative's progress deadline for a new revision: the image pull, then the startup probe's budget.
+*/}}
+{{- define "cifar10.progressDeadlineSeconds" -}}
+{{- $p := .Values.probes.startup }}
+{{- $budget := ternary (mul (int $p.periodSeconds) (int $p.failureThreshold)) (mul (int .Values.probes.readiness.periodSeconds) (int .Values.probes.readiness.failureThreshold)) $p.enabled }}
+{{- add (int .Values.timeouts.imagePullSeconds) $budget }}
+{{- end }}
+
+{{/*
+INTRA_OP_THREADS: threads.intraOp, or with 0 the container's CPU limit shared among the workers
+(at least 1), so a GPU node with many cores does not get one thread per host core under a small
+limit; 0 (the predictor reads its cgroup quota) when there is no CPU limit.
+*/}}
+{{- define "cifar10.intraOpThreads" -}}
+{{- $cpu := toString (dig "limits" "cpu" "" .Values.resources) }}
+{{- if gt (int .Values.threads.intraOp) 0 }}{{ int .Values.threads.intraOp }}
+{{- else if not $cpu }}0
+{{- else }}
+{{- $cores := ternary (div (trimSuffix "m" $cpu | int) 1000) ($cpu | float64 | floor | int) (hasSuffix "m" $cpu) }}
+{{- max 1 (div $cores (int .Values.model.workers)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the predictor's port on the pod the cluster creates: Knative renames the user container's
+port to `user-port` (knative/serving deploy.go, UserPortName); Standard mode keeps the chart's.
+*/}}
+{{- define "cifar10.metricsPortName" -}}
+{{- ternary "user-port" "http1" (eq .Values.deploymentMode "Knative") }}
+{{- end }}
+
+{{/*
+Grafana dashboard uid: at most 40 characters (Grafana's limit), different per namespace and release.
+*/}}
+{{- define "cifar10.dashboardUid" -}}
+{{- printf "cifar10-%s" (sha256sum (printf "%s/%s" .Release.Namespace (include "cifar10.fullname" .)) | trunc 32) }}
 {{- end }}
 
 {{/*
@@ -137,7 +236,7 @@ and Knative mode 4 (ingress gateway, knative-local-gateway, activator, queue-pro
 {{- define "cifar10.trustedProxyHops" -}}
 {{- $v := .Values.rateLimit.trustedProxyHops }}
 {{- if ne (toString $v) "auto" }}{{ int $v }}
-{{- else if not (or .Values.istio.virtualService.enabled .Values.istio.gateway.create) }}0
+{{- else if not (include "cifar10.routed" .) }}0
 {{- else if eq .Values.deploymentMode "Knative" }}4
 {{- else }}1
 {{- end }}
@@ -168,16 +267,20 @@ Checks that a JSON schema cannot express.
 {{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) }}
 {{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- end }}
-{{- if and .Values.istio.virtualService.enabled (not (include "cifar10.gateways" . | fromYamlArray)) }}
+{{- if and (include "cifar10.routed" .) (not (include "cifar10.gateways" . | fromYamlArray)) }}
 {{- fail "istio.virtualService needs a gateway: set istio.virtualService.gateways or istio.gateway.create" }}
 {{- end }}
 {{- if and (eq .Values.deploymentMode "Knative") (gt (int .Values.autoscaling.knative.containerConcurrency) 0) (gt (int .Values.autoscaling.knative.target) (int .Values.autoscaling.knative.containerConcurrency)) (eq .Values.autoscaling.knative.metric "concurrency") }}
 {{- fail "autoscaling.knative.target must not exceed autoscaling.knative.containerConcurrency" }}
 {{- end }}
-{{- $drain := int .Values.shutdown.drainTimeoutSeconds }}
-{{- $margin := int .Values.shutdown.marginSeconds }}
-{{- if and (eq .Values.deploymentMode "Knative") (lt (int .Values.timeout) (add (include "cifar10.knativeDrainSeconds" . | int) $drain $margin | int)) }}
-{{- fail (printf "timeout (%d s) is the pods' termination grace period in Knative mode: it must cover the queue-proxy drain (%s s) + shutdown.drainTimeoutSeconds (%d s) + shutdown.marginSeconds (%d s)" (int .Values.timeout) (include "cifar10.knativeDrainSeconds" .) $drain $margin) }}
+{{- if and .Values.auth.jwt.enabled (not (and (include "cifar10.hasAPI" (list . "security.istio.io/v1/RequestAuthentication")) (include "cifar10.hasAPI" (list . "security.istio.io/v1/AuthorizationPolicy")))) }}
+{{- fail "auth.jwt.enabled needs Istio's security.istio.io/v1 RequestAuthentication and AuthorizationPolicy, which this cluster does not serve (add them to extraAPIVersions if Istio is installed in the same sync)" }}
+{{- end }}
+{{- /* KServe refuses to change the deployment mode of an existing InferenceService: say so before it does. */}}
+{{- $existing := lookup "serving.kserve.io/v1beta1" "InferenceService" .Release.Namespace (include "cifar10.fullname" .) }}
+{{- $was := dig "metadata" "annotations" "serving.kserve.io/deploymentMode" "" $existing }}
+{{- if and $was (ne $was .Values.deploymentMode) }}
+{{- fail (printf "deploymentMode cannot change after install (InferenceService %s is %s): uninstall and install again" (include "cifar10.fullname" .) $was) }}
 {{- end }}
 {{- if and .Values.auth.apiKeys.existingSecret (has .Values.auth.apiKeys.mountPath (list "/tmp" "/app" "/")) }}
 {{- fail "auth.apiKeys.mountPath must be a folder of its own" }}
