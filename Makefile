@@ -7,7 +7,7 @@ PORT ?= 8080
 DATA ?= ../shared/data/cifar10-train-jpeg.tar.gz
 DATA_DIR ?= .cache/cifar10
 
-.PHONY: install run test browser train train-gpu evaluate data bench soak
+.PHONY: install run test browser redis-server train train-gpu evaluate data bench soak
 
 include deploy.mk
 include image.mk
@@ -25,8 +25,12 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(PY) -m predictor --http_port $(PORT)
 
-test: install deploy-tools browser
+test: install deploy-tools browser redis-server
 	$(PY) -m pytest -q
+
+# The jobs and cache tests start Debian's redis-server on a free port (tests/redis_server.py).
+redis-server:
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
 
 # Chromium and its WebDriver from Debian, for the demo page's real-browser test (tests/test_ui.py).
 browser:

@@ -4,6 +4,12 @@ Callers `await submit(images)`; one worker task drains the queue into batches of
 `max_batch_size` images, waiting at most `max_delay` for company once the first request is in, and
 runs each batch in a single dedicated thread so the event loop never blocks. While a batch runs, the
 next one fills up, so under load batches grow on their own and a lone request is not held back.
+
+Two lanes: interactive calls, and background work (async batch jobs, `submit(..., background=True)`).
+A batch takes every interactive request that fits first and fills only the space left with
+background images, and never waits for company on their account, so a job adds at most one forward
+pass to an interactive call's wait, however large the job. Background work is bounded by its
+callers (a job worker submits one chunk at a time), not by `max_queue_images`.
 """
 
 import asyncio
@@ -35,25 +41,31 @@ class DynamicBatcher:
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue_images = max_queue_images
         self._pending: deque[_Pending] = deque()
-        self._queued_images = 0
+        self._background: deque[_Pending] = deque()
+        self._queued_images = 0  # interactive images waiting (the bound applies to them only)
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
-    async def submit(self, images: np.ndarray) -> np.ndarray:
+    async def submit(self, images: np.ndarray, background: bool = False) -> np.ndarray:
         """Logits for `images`, computed in as few forward passes as the traffic allows.
 
-        Raises a 503 ApiError at once when the queue cannot take them: a full queue means the
-        replica is saturated, and waiting longer would only grow everyone's latency.
+        Raises a 503 ApiError at once when the interactive queue cannot take them: a full queue
+        means the replica is saturated, and waiting longer would only grow everyone's latency.
+        `background` work goes in the low-priority lane and is never refused.
         """
         self._ensure_worker()
         # An empty queue takes any request, so one larger than the queue bound is still served.
-        if self._queued_images + len(images) > self.max_queue_images and self._queued_images > 0:
+        if (not background and self._queued_images + len(images) > self.max_queue_images
+                and self._queued_images > 0):
             raise overloaded(f"{self._queued_images} images are already queued (limit {self.max_queue_images})")
         chunks = [_Pending(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
         for chunk in chunks:
-            self._pending.append(chunk)
-            self._queued_images += len(chunk.images)
+            if background:
+                self._background.append(chunk)
+            else:
+                self._pending.append(chunk)
+                self._queued_images += len(chunk.images)
             metrics.QUEUE_DEPTH.inc(len(chunk.images))
         self._arrived.set()
         try:
@@ -78,27 +90,36 @@ class DynamicBatcher:
             return False
 
     async def _next_batch(self) -> list[_Pending]:
-        while not self._pending:
+        while not self._pending and not self._background:
             await self._wait_for_arrival(None)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_delay
-        while self._queued_images < self.max_batch_size and self._others_coming():
+        while self._pending and self._queued_images < self.max_batch_size and self._others_coming():
             remaining = deadline - loop.time()
             if remaining <= 0 or not await self._wait_for_arrival(remaining):
                 break
-        batch, size, dropped = [], 0, 0
-        # Whole requests only: a chunk that does not fit starts the next batch. Chunks whose caller
-        # has gone (deadline passed, client disconnected) are dropped rather than computed.
-        while self._pending and size + len(self._pending[0].images) <= self.max_batch_size:
-            pending = self._pending.popleft()
+        batch: list[_Pending] = []
+        interactive = self._take(self._pending, batch, 0)
+        self._queued_images -= interactive
+        self._take(self._background, batch, sum(len(p.images) for p in batch))
+        return batch
+
+    def _take(self, lane: deque[_Pending], batch: list[_Pending], size: int) -> int:
+        """Move whole requests from `lane` into `batch` while they fit; returns the images taken off the lane.
+
+        A chunk that does not fit starts the next batch. Chunks whose caller has gone (deadline
+        passed, client disconnected) are dropped rather than computed.
+        """
+        taken = 0
+        while lane and size + len(lane[0].images) <= self.max_batch_size:
+            pending = lane.popleft()
+            taken += len(pending.images)
             if pending.future.done():
-                dropped += len(pending.images)
                 continue
             batch.append(pending)
             size += len(pending.images)
-        self._queued_images -= size + dropped
-        metrics.QUEUE_DEPTH.dec(size + dropped)
-        return batch
+        metrics.QUEUE_DEPTH.dec(taken)
+        return taken
 
     def _others_coming(self) -> bool:
         """Whether admitted calls are still on their way here (parsing, decoding): only then is the

@@ -1,0 +1,216 @@
+"""Async batch jobs: what a job and a unit of its work are, the store contract, and the worker.
+
+A job is split into chunks of at most `chunk_size` files. The store (Redis, or in-process without a
+URL) holds each job's state, inputs and results, and hands chunks to every replica's workers; a
+worker classifies a chunk on the low-priority lane of the shared batcher and writes its results by
+input index, so a chunk computed twice (its first worker died after computing) is written twice to
+the same slots: never lost, never duplicated.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol
+
+import orjson
+from prometheus_client import Counter, Gauge
+
+from .errors import ApiError
+
+log = logging.getLogger("predictor")
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+JOBS = Counter("predictor_jobs_total", "Jobs by status reached on this replica (queued: submitted here)", ["status"])
+JOB_QUEUE_CHUNKS = Gauge("predictor_job_queue_chunks", "Job chunks waiting or being worked on, all replicas",
+                         multiprocess_mode="max")
+JOB_OLDEST_QUEUED_AGE = Gauge("predictor_job_oldest_queued_age_seconds",
+                              "Age of the oldest job still waiting for its first chunk to start, all replicas",
+                              multiprocess_mode="max")
+
+# What a worker calls: files (or the error reading one) and top_k -> one result or ApiError per file.
+Classify = Callable[[list[bytes | ApiError], int | None], Awaitable[list[dict | ApiError]]]
+
+
+class StoreUnavailable(Exception):
+    """The job store cannot be reached (Redis down): callers get a clear 503, never a 500."""
+
+
+@dataclass
+class Job:
+    """A job's state as the API reports it (results are read separately, by page)."""
+
+    job_id: str
+    owner: str | None  # api key id of the creator (None with keys off)
+    status: str
+    total: int
+    done: int
+    created_at: str
+    finished_at: str | None = None
+    top_k: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class Chunk:
+    """One unit of work handed to a worker: files [start, start + count) of a job."""
+
+    job_id: str
+    number: int
+    start: int
+    count: int
+    entry_id: str = ""  # the store's handle (a Redis Stream entry id)
+    top_k: int | None = None
+    deliveries: int = 1
+
+
+@dataclass
+class QueueStats:
+    chunks: int
+    oldest_queued_age_s: float
+
+
+class JobStore(Protocol):
+    """Where jobs live; the Redis store is shared by every replica, the memory store by one process."""
+
+    async def create(self, owner: str | None, files: list[bytes], top_k: int | None, chunk_size: int) -> Job: ...
+    async def get(self, job_id: str) -> Job | None: ...
+    async def results(self, job_id: str, offset: int, limit: int) -> list[dict]: ...
+    async def cancel(self, job_id: str) -> bool: ...
+    async def next_chunk(self, consumer: str, wait_s: float) -> Chunk | None: ...
+    async def inputs(self, chunk: Chunk) -> list[bytes] | None: ...
+    async def started(self, chunk: Chunk) -> bool: ...
+    async def complete(self, chunk: Chunk, results: list[bytes]) -> str | None: ...  # 'succeeded' if it ended the job
+    async def abandon(self, chunk: Chunk, reason: str) -> str | None: ...  # 'failed' if it ended the job
+    async def keep_alive(self, consumer: str, chunk: Chunk) -> None: ...
+    async def stats(self) -> QueueStats: ...
+    async def close(self) -> None: ...
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def encode_result(result: dict | ApiError) -> bytes:
+    """One slot as stored: the classification, or the error object /classify/batch would show."""
+    return orjson.dumps(result.body() if isinstance(result, ApiError) else result)
+
+
+class JobWorker:
+    """`concurrency` loops per process taking chunks from the store and classifying them.
+
+    Two loops per process let one chunk decode while the other's batches are on the forward thread.
+    A chunk delivered more than `max_deliveries` times (its workers keep dying on it) fails its job
+    instead of taking replicas down forever.
+    """
+
+    def __init__(self, store: JobStore, classify: Classify, visibility_timeout_s: float, concurrency: int = 2,
+                 max_deliveries: int = 5, stats_every_s: float = 5.0):
+        self.store = store
+        self.classify = classify
+        self.visibility_timeout_s = visibility_timeout_s
+        self.concurrency = concurrency
+        self.max_deliveries = max_deliveries
+        self.stats_every_s = stats_every_s
+        self._tasks: list[asyncio.Task] = []
+        self._stopping = asyncio.Event()
+        self._name = f"{socket.gethostname()}-{os.getpid()}"
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._tasks = [loop.create_task(self._consume(f"{self._name}-{n}"), name=f"job-worker-{n}")
+                       for n in range(self.concurrency)]
+        self._tasks.append(loop.create_task(self._publish_stats(), name="job-stats"))
+
+    async def stop(self) -> None:
+        """Stop at once, mid-chunk included: an unfinished chunk stays pending for another replica."""
+        self._stopping.set()
+        # redis-py can swallow a cancellation that lands inside a command; the loops also watch the
+        # event, and the cancellation is repeated until every task has ended.
+        while not all(task.done() for task in self._tasks):
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.wait(self._tasks, timeout=0.5)
+        self._tasks = []
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but end early when the worker stops."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _consume(self, consumer: str) -> None:
+        wait_s = min(2.0, self.visibility_timeout_s / 2)
+        store_down = False
+        while not self._stopping.is_set():
+            try:
+                chunk = await self.store.next_chunk(consumer, wait_s)
+                if store_down:
+                    log.info("job store reachable again; %s resumes", consumer)
+                    store_down = False
+                if chunk is not None:
+                    await self.work(consumer, chunk)
+            except StoreUnavailable as exc:
+                if not store_down:  # once per outage, not once per poll
+                    log.warning("job store unavailable, %s waits for it: %s", consumer, exc)
+                    store_down = True
+                await self._pause(1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a chunk that failed stays pending: another delivery retries it
+                log.exception("job chunk failed in %s; it will be retried after the visibility timeout", consumer)
+                await self._pause(0.5)
+
+    async def work(self, consumer: str, chunk: Chunk) -> None:
+        """Classify one chunk and record its results (or drop it if its job was cancelled or is gone)."""
+        if chunk.deliveries > self.max_deliveries:
+            status = await self.store.abandon(chunk, f"chunk {chunk.number} (files {chunk.start}..{chunk.start + chunk.count - 1}) "
+                                                     f"was abandoned by {chunk.deliveries - 1} workers")
+            self._count(status)
+            return
+        if not await self.store.started(chunk):
+            return
+        files = await self.store.inputs(chunk)
+        if files is None:
+            self._count(await self.store.abandon(chunk, "the job's inputs expired before they were classified"))
+            return
+        finished = asyncio.Event()
+        heartbeat = asyncio.get_running_loop().create_task(self._keep_alive(consumer, chunk, finished))
+        try:
+            results = await self.classify(files, chunk.top_k)
+        finally:
+            finished.set()
+            heartbeat.cancel()
+        self._count(await self.store.complete(chunk, [encode_result(r) for r in results]))
+
+    async def _keep_alive(self, consumer: str, chunk: Chunk, finished: asyncio.Event) -> None:
+        # A live worker on a slow chunk keeps its claim, so only a dead one's chunks are reclaimed.
+        while not finished.is_set():
+            try:
+                await asyncio.wait_for(finished.wait(), self.visibility_timeout_s / 3)
+            except TimeoutError:
+                try:
+                    await self.store.keep_alive(consumer, chunk)
+                except StoreUnavailable:
+                    pass
+
+    async def _publish_stats(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                stats = await self.store.stats()
+                JOB_QUEUE_CHUNKS.set(stats.chunks)
+                JOB_OLDEST_QUEUED_AGE.set(stats.oldest_queued_age_s)
+            except StoreUnavailable:
+                pass
+            await self._pause(self.stats_every_s)
+
+    @staticmethod
+    def _count(status: str | None) -> None:
+        if status in TERMINAL:
+            JOBS.labels(status).inc()
