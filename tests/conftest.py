@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +19,20 @@ IMAGES = Path(__file__).resolve().parent / "images"
 HOLDOUT = Path(__file__).resolve().parent / "data" / "holdout.tar.gz"
 SHARED_DATA = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 MODEL_NAME = "cifar10-resnet18"
+
+
+def read_http_response(sock: socket.socket) -> tuple[int, bytes, bytes]:
+    """(status, head, body) of one whole HTTP/1.1 response read from a raw socket (head and body may
+    arrive in separate segments); fails if the connection closes with no answer."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), f"the connection closed with no answer: {data[:200]!r}"
+    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return int(head.split()[1]), head, body
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import MODEL_NAME, ROOT, Server
+from .conftest import MODEL_NAME, ROOT, Server, read_http_response
 
 KEYS = ("alpha-key-0123456789", "beta-key-9876543210", "gamma-key-from-file")
 
@@ -30,15 +30,8 @@ def multipart_upload(image: bytes, port: int, extra_headers: str = "") -> tuple[
 
 
 def read_reply(sock: socket.socket) -> str:
-    """One whole HTTP/1.1 response from a raw socket (head and body can arrive in separate segments)."""
-    data = b""
-    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 "), f"the connection closed with no answer: {data[:200]!r}"
-    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
-    while len(body) < length and (chunk := sock.recv(65536)):
-        body += chunk
+    """One whole HTTP/1.1 response from a raw socket, as text."""
+    _, head, body = read_http_response(sock)
     return (head + b"\r\n\r\n" + body).decode(errors="replace")
 
 

@@ -14,7 +14,6 @@ framing, 501 on model versions, the unauthenticated model-repository API): fixed
 import base64
 import io
 import json
-import re
 import socket
 import struct
 import time
@@ -26,6 +25,8 @@ from typing import Callable
 import httpx
 import pytest
 from PIL import Image
+
+from .conftest import read_http_response
 
 MODEL = "cifar10-resnet18"
 V1 = f"/v1/models/{MODEL}:predict"
@@ -577,16 +578,9 @@ def held_upload(port: int, head: bytes, first_bytes: bytes) -> socket.socket:
 
 
 def reply_on(sock: socket.socket) -> Reply:
-    """One whole response read from a raw socket (head and body may come in separate segments)."""
-    data = b""
-    while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 "), f"no HTTP response: {data[:200]!r}"
-    length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
-    while len(body) < length and (chunk := sock.recv(65536)):
-        body += chunk
-    return Reply(int(head.split()[1]), body)
+    """One whole response read from a raw socket."""
+    status, _, body = read_http_response(sock)
+    return Reply(status, body)
 
 
 V2_PIXELS = v2_binary_body(3072, [1, 32, 32, 3])  # one 32x32 RGB image, as binary data
