@@ -19,6 +19,7 @@ this user may; warm: right after) are printed at the end and written to .cache/i
 Deselected from `make test` (marker `image`, see conftest.py); needs root, podman and the image.
 """
 
+import base64
 import concurrent.futures
 import json
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import IMAGES, free_port
+from .conftest import IMAGES, MODEL_NAME, free_port
 from .deploy_common import ROOT, chart_pod, predictor_container, render, run
 
 pytestmark = pytest.mark.image
@@ -184,6 +185,20 @@ def test_metrics_have_the_seed_names(pod):
              if line and not line.startswith("#")}
     assert {"api_requests_total", "api_request_latency_seconds_bucket", "api_request_latency_seconds_count",
             "api_request_latency_seconds_sum"} <= names, sorted(names)
+
+
+def test_the_demo_page_and_explanations_ship_in_the_image(pod):
+    """The page and its assets are package data of the image's install; Grad-CAM runs on its
+    read-only root filesystem."""
+    page = pod.client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text[:200]
+    for asset in re.findall(r'(?:src|href)="(/ui/[^"]+)"', page.text):
+        assert pod.client.get(asset).status_code == 200, asset
+    image = base64.b64encode((IMAGES / "cat_0000.jpg").read_bytes()).decode()
+    explained = pod.client.post(f"/v1/models/{MODEL_NAME}:explain", json={"instances": [{"image": {"b64": image}}]})
+    assert explained.status_code == 200, explained.text
+    heatmap = explained.json()["explanations"][0]["heatmap"]
+    assert len(heatmap) == 32 and all(len(row) == 32 for row in heatmap)
 
 
 def test_runs_as_10001_on_a_read_only_root_filesystem(pod):
