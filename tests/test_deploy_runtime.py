@@ -152,7 +152,7 @@ def test_every_routed_path_is_served(deployed):
     for path in paths:
         if path in FORM_FIELDS:
             response = deployed.client.post(path, files=[(FORM_FIELDS[path], ("cat.jpg", image, "image/jpeg"))])
-        elif path.endswith(":predict"):
+        elif path.endswith((":predict", ":explain")):
             response = deployed.client.post(path, content=image, headers={"content-type": "image/jpeg"})
         elif path.endswith("/infer"):
             response = deployed.client.post(path, json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
