@@ -208,10 +208,9 @@ def test_only_prediction_health_and_docs_are_reachable_from_outside(values_file)
     if not routes:
         return
     model = next(a.split("=", 1)[1] for a in predictor_container(objects)["args"] if a.startswith("--model_name="))
-    demo_page = {"/", "/ui/app.js", "/ui/style.css"}  # static files (ui.enabled); the API calls it makes are the paths above
     allowed = {p.format(model=model) for p in PREDICTION_PATHS} | {"/health", "/docs", "/openapi.json"}
     if {e["name"]: e.get("value") for e in predictor_container(objects)["env"]}.get("UI") == "true":
-        allowed |= {"/", "/ui/app.js", "/ui/style.css"}  # the demo page (predictor/ui), a page like /docs | demo_page
+        allowed |= {"/", "/ui/app.js", "/ui/style.css"}  # the demo page (predictor/ui), a page like /docs
     for http in routes[0]["spec"]["http"]:
         for match in http["match"]:
             assert set(match["uri"]) == {"exact"} and match["uri"]["exact"] in allowed, match

@@ -286,3 +286,10 @@ Checks that a JSON schema cannot express.
 {{- fail "auth.apiKeys.mountPath must be a folder of its own" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The demo page and its two files (ui.enabled), as a JSON list: routed, and public to GET under auth.jwt.
+*/}}
+{{- define "cifar10.uiPaths" -}}
+["/", "/ui/app.js", "/ui/style.css"]
+{{- end }}
