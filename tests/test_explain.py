@@ -5,6 +5,7 @@ import concurrent.futures
 import io
 import time
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,8 +14,10 @@ from predictor.network import CLASSES
 
 from .conftest import MODEL_NAME, Server, encode
 from .test_api import assert_error
+from .test_workers import scraped_total
 
 EXPLAIN = f"/v1/models/{MODEL_NAME}:explain"
+KEY = "explain-test-key-9d2e"
 PREDICT = f"/v1/models/{MODEL_NAME}:predict"
 
 
@@ -37,8 +40,9 @@ def left_share(heatmap: list[list[float]]) -> float:
 
 @pytest.fixture(scope="module")
 def limited_server():
-    """One explanation at a time, so a second concurrent one is refused."""
-    srv = Server("--max_explain_in_flight", "1", "--rate_limit_per_minute", "0")
+    """One explanation at a time, so a second concurrent one is refused; API keys on (its client sends one)."""
+    srv = Server("--max_explain_in_flight", "1", "--rate_limit_per_minute", "0", env={"API_KEYS": KEY})
+    srv.client.headers["Authorization"] = f"Bearer {KEY}"
     yield srv
     srv.stop()
 
@@ -133,3 +137,12 @@ def test_explanations_beyond_their_limit_get_503_and_run_off_the_event_loop(limi
         health_at - health_started, heavy_done_at - health_at)
     # The slot is free again once the computation ends.
     assert client.post(EXPLAIN, json=light).status_code == 200
+
+
+def test_explain_needs_the_api_key_and_is_counted_as_explain(limited_server, cifar_jpegs):
+    body = instances(cifar_jpegs["frog_0000.jpg"])
+    before = scraped_total(limited_server.url, "explain")
+    assert_error(httpx.post(f"{limited_server.url}{EXPLAIN}", json=body), 401, "unauthorized")
+    assert_error(httpx.post(f"{limited_server.url}{EXPLAIN}", json=body, headers={"X-API-Key": "wrong"}), 401, "unauthorized")
+    assert limited_server.client.post(EXPLAIN, json=body).status_code == 200
+    assert scraped_total(limited_server.url, "explain") == before + 3
