@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from . import metrics
 from .demo import build_ui_router
 from .error_handlers import install_error_handlers
 from .explain import build_explain_router
@@ -19,6 +20,7 @@ from .guard import RequestGuard
 from .model import Cifar10Classifier
 from .routes import build_router
 from .security import RateLimiter
+from .shared_state import build_cache, build_jobs
 
 log = logging.getLogger("predictor")
 
@@ -26,7 +28,10 @@ log = logging.getLogger("predictor")
 def install(app: FastAPI, model: Cifar10Classifier) -> None:
     """Serve `model` on `app`: routes, error format, guard (with the model's settings) and drain."""
     settings, drain = model.settings, model.drain
-    app.include_router(build_router(model))
+    # A canary with other weights has another version, so it never reads the stable model's entries.
+    cached = build_cache(settings.redis_url, settings.cache_ttl_s, f"{model.version}:{model.runner.precision}",
+                         model.classify, lambda r: metrics.record_prediction(r["predicted_class"], r["confidence"], model.version))
+    app.include_router(build_router(model, cached))
     app.include_router(build_explain_router(model))
     app.include_router(build_ui_router(model))
     install_error_handlers(app)
@@ -45,3 +50,12 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
         log.info("drained: %d admitted request(s) still in flight at exit", drain.in_flight)
 
     app.router.lifespan_context = lifespan
+
+    async def classify_job(files: list, top_k: int | None) -> list:
+        results, _ = await cached(files, top_k, background=True)
+        return results
+
+    # Included after the lifespan is set, so its own (the job worker's start and stop) merges into it.
+    app.include_router(build_jobs(settings.redis_url, settings.job_ttl_s, settings.job_visibility_timeout_s, classify_job,
+                                  settings.api_keys, limiter, settings.max_job_files, settings.max_job_bytes,
+                                  settings.job_chunk_size))

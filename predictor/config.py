@@ -39,6 +39,13 @@ class Settings:
     workers: int = 1
     ui: bool = True  # the demo page at GET / (predictor.demo)
     max_explain_in_flight: int = 2  # :explain calls computing at once (predictor.explain)
+    redis_url: str | None = None  # jobs and result cache shared by replicas; None: in this process only
+    max_job_files: int = 10_000
+    max_job_bytes: int = 100 * 1024 * 1024
+    job_ttl_s: int = 86_400
+    job_chunk_size: int = 256
+    job_visibility_timeout_s: float = 60.0
+    cache_ttl_s: int = 3600  # 0: no result cache
 
 
 def _env(name: str, default, cast=str):
@@ -109,6 +116,23 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--max_explain_in_flight", type=int, default=_env("MAX_EXPLAIN_IN_FLIGHT", 2, int),
         help=":explain calls computing Grad-CAM at once (fp32, outside the prediction batcher); beyond it a new "
              "one gets 503 + Retry-After [env MAX_EXPLAIN_IN_FLIGHT]")
+    add("--redis_url", default=_env("REDIS_URL", None),
+        help="redis://[:password@]host:port/db holding async jobs and the result cache, shared by every replica; "
+             "without it both live in this process only (jobs lost on restart, one replica) [env REDIS_URL]")
+    add("--max_job_files", type=int, default=_env("MAX_JOB_FILES", 10_000, int),
+        help="images per async job (POST /classify/jobs) [env MAX_JOB_FILES]")
+    add("--max_job_bytes", type=int, default=_env("MAX_JOB_BYTES", 100 * 1024 * 1024, int),
+        help="largest POST /classify/jobs body (instead of --max_body_bytes) [env MAX_JOB_BYTES]")
+    add("--job_ttl_s", type=int, default=_env("JOB_TTL_S", 86_400, int),
+        help="a job and its results are deleted this long after its last change [env JOB_TTL_S]")
+    add("--job_chunk_size", type=int, default=_env("JOB_CHUNK_SIZE", 256, int),
+        help="images per unit of job work; a replica that dies loses at most its chunks in progress, which "
+             "another replica redoes [env JOB_CHUNK_SIZE]")
+    add("--job_visibility_timeout_s", type=float, default=_env("JOB_VISIBILITY_TIMEOUT_S", 60.0, float),
+        help="a chunk whose replica has not signalled for this long is taken over by another [env JOB_VISIBILITY_TIMEOUT_S]")
+    add("--cache_ttl_s", type=int, default=_env("CACHE_TTL_S", 3600, int),
+        help="how long a classification result stays cached (same image bytes, model version, precision, top_k); "
+             "0 turns the cache off [env CACHE_TTL_S]")
     return parser
 
 
@@ -136,7 +160,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for name, minimum in (("max_batch_size", 1), ("max_batch_files", 1), ("max_body_bytes", 1), ("max_image_side", 1),
                           ("decode_threads", 1), ("max_queue_images", 1), ("max_in_flight", 1), ("request_timeout_s", 0.001),
                           ("drain_timeout_s", 0), ("rate_limit_per_minute", 0), ("intra_op_threads", 0),
-                          ("trusted_proxy_hops", 0), ("max_explain_in_flight", 1)):
+                          ("trusted_proxy_hops", 0), ("max_explain_in_flight", 1), ("max_job_files", 1),
+                          ("max_job_bytes", 1), ("job_ttl_s", 1), ("job_chunk_size", 1),
+                          ("job_visibility_timeout_s", 0.1), ("cache_ttl_s", 0)):
         if getattr(args, name) < minimum:
             raise SystemExit(f"--{name} must be >= {minimum}")
     if os.environ.get("TRUST_FORWARDED_FOR"):
@@ -152,4 +178,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rate_limit_per_minute=args.rate_limit_per_minute, trusted_proxy_hops=args.trusted_proxy_hops,
         engine=args.engine, precision=args.precision, compile=args.compile, intra_op_threads=args.intra_op_threads,
         workers=args.workers, ui=args.ui, max_explain_in_flight=args.max_explain_in_flight,
+        redis_url=args.redis_url, max_job_files=args.max_job_files, max_job_bytes=args.max_job_bytes,
+        job_ttl_s=args.job_ttl_s, job_chunk_size=args.job_chunk_size,
+        job_visibility_timeout_s=args.job_visibility_timeout_s, cache_ttl_s=args.cache_ttl_s,
     )

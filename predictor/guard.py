@@ -78,6 +78,8 @@ class RequestGuard:
         started = time.perf_counter()
         status = {"code": 500, "started": False}
         extra_headers: list[tuple[bytes, bytes]] = []
+        # An async job carries up to thousands of images in one body: it has a limit of its own.
+        body_limit = settings.max_job_bytes if endpoint == "classify_jobs" else settings.max_body_bytes
 
         async def send_and_record(message):
             if message["type"] == "http.response.start":
@@ -89,11 +91,11 @@ class RequestGuard:
         try:
             refusal = self._refusal(scope, settings, extra_headers)
             if refusal is None:
-                refusal = self._declared_too_large(scope, settings.max_body_bytes)
+                refusal = self._declared_too_large(scope, body_limit)
             if refusal is not None:
                 await refusal(scope, receive, send_and_record)
             else:
-                await self._admitted(scope, receive, send_and_record, status, settings)
+                await self._admitted(scope, receive, send_and_record, status, settings, body_limit)
         finally:
             metrics.REQUESTS.labels(endpoint, "success" if status["code"] < 400 else "error", str(status["code"])).inc()
             metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
@@ -117,7 +119,7 @@ class RequestGuard:
                 raise
             await exc.response()(scope, receive, send)
 
-    async def _admitted(self, scope, receive, send, status: dict, settings) -> None:
+    async def _admitted(self, scope, receive, send, status: dict, settings, body_limit: int) -> None:
         """Run an admitted prediction call, counted in flight, under its deadline: its body (streamed
         in, cut off at the size limit; a v2 binary body read whole and its framing checked first) and
         the route. 504 once the deadline passes; the error of a refused body as JSON, never a 500."""
@@ -125,7 +127,7 @@ class RequestGuard:
         self.drain.in_flight += 1
         try:
             async with asyncio.timeout(timeout_s):
-                receive = self._counting(receive, settings.max_body_bytes)
+                receive = self._counting(receive, body_limit)
                 header_length = dict(scope["headers"]).get(b"inference-header-content-length")
                 if header_length is not None:
                     receive = await self._screen_v2_binary(header_length, receive)

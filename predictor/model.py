@@ -105,7 +105,8 @@ class Cifar10Classifier(kserve.Model):
     async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
         """Logits for every decoded slot, through the shared dynamic batcher."""
         images = [slot for slot in payload.slots if isinstance(slot, np.ndarray)]
-        logits = iter(await self.batcher.submit(np.stack(images)) if images else [])
+        background = isinstance(payload.source, ClassifyRequest) and payload.source.background
+        logits = iter(await self.batcher.submit(np.stack(images), background=background) if images else [])
         payload.logits = [next(logits) if isinstance(slot, np.ndarray) else slot for slot in payload.slots]
         return payload
 
@@ -118,9 +119,10 @@ class Cifar10Classifier(kserve.Model):
                 metrics.record_prediction(CLASSES[int(p.argmax())], float(p.max()), self.version)
         return result.adapter.render(result.source, probabilities, self.name, self.version)
 
-    async def classify(self, files: list[bytes | ApiError], top_k: int | None = None) -> Slots:
-        """The multipart core: one result dict (the seed's fields, no timestamp) or ApiError per file."""
-        response, _ = await self(ClassifyRequest(files, top_k))
+    async def classify(self, files: list[bytes | ApiError], top_k: int | None = None, background: bool = False) -> Slots:
+        """The multipart core: one result dict (the seed's fields, no timestamp) or ApiError per file.
+        `background`: async job work, which interactive calls overtake in the batcher."""
+        response, _ = await self(ClassifyRequest(files, top_k, background))
         return response["results"]
 
     def get_input_types(self) -> list[dict]:

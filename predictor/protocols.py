@@ -31,6 +31,7 @@ class ClassifyRequest:
 
     files: list[bytes | ApiError]
     top_k: int | None = None
+    background: bool = False  # async job work: the batcher's low-priority lane
 
 
 class MultipartAdapter:

@@ -7,13 +7,15 @@ KServe's own, so `/health` and `/metrics` here win over KServe's.
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
 from . import metrics
+from .cache import CachedClassifier
 from .errors import ApiError, error_response
 from .model import Cifar10Classifier
 from .payloads import timestamp
 
 
-def build_router(model: Cifar10Classifier) -> APIRouter:
-    """`/classify/image`, `/classify/batch`, `/health`, `/metrics` and the v2 model metadata of `model`."""
+def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRouter:
+    """`/classify/image`, `/classify/batch` (through the result cache `cached`: `X-Cache: hit|miss`),
+    `/health`, `/metrics` and the v2 model metadata of `model`."""
     router = APIRouter()
 
     def serving() -> Cifar10Classifier:
@@ -22,22 +24,26 @@ def build_router(model: Cifar10Classifier) -> APIRouter:
         return model
 
     @router.post("/classify/image", tags=["classify"], summary="Classify one uploaded image")
-    async def classify_image(file: UploadFile = File(..., description="JPEG or PNG image"),
+    async def classify_image(response: Response, file: UploadFile = File(..., description="JPEG or PNG image"),
                              top_k: int | None = Query(None, ge=1, le=10, description="also return the k best classes")):
         """Multipart field `file` -> the seed's JSON: predicted_class, confidence, all_probabilities, timestamp."""
-        result, = await serving().classify([await file.read()], top_k)
+        serving()
+        (result,), hit = await cached([await file.read()], top_k)
+        response.headers["X-Cache"] = "hit" if hit else "miss"
         if isinstance(result, ApiError):
             raise result
         return {**result, "timestamp": timestamp(), "model_version": model.version}
 
     @router.post("/classify/batch", tags=["classify"], summary="Classify several uploaded images")
-    async def classify_batch(files: list[UploadFile] = File(..., description="JPEG or PNG images"),
+    async def classify_batch(response: Response, files: list[UploadFile] = File(..., description="JPEG or PNG images"),
                              top_k: int | None = Query(None, ge=1, le=10)):
         """Multipart fields `files` -> {"results": [...]} in input order; a bad file gets an error object in its slot."""
         limit = model.settings.max_batch_files
         if len(files) > limit:
             raise ApiError(413, "too_many_files", f"{len(files)} files exceed the limit of {limit} per request.")
-        results = await serving().classify([await f.read() for f in files], top_k)
+        serving()
+        results, hit = await cached([await f.read() for f in files], top_k)
+        response.headers["X-Cache"] = "hit" if hit else "miss"
         return {"results": [r.body() if isinstance(r, ApiError) else r for r in results], "timestamp": timestamp(),
                 "model_version": model.version}
 

@@ -155,7 +155,8 @@ def test_the_101st_call_in_a_minute_is_429(image):
 
 # -- load shedding ---------------------------------------------------------------------------------
 def test_flood_of_a_tiny_queue_sheds_with_503_and_admitted_calls_succeed(image):
-    srv = Server("--max_queue_images", "4", "--max_batch_size", "4", "--rate_limit_per_minute", "0")
+    # The same image every call: with the result cache on, every call after the first would be a hit.
+    srv = Server("--max_queue_images", "4", "--max_batch_size", "4", "--rate_limit_per_minute", "0", "--cache_ttl_s", "0")
     try:
         files = [("files", (f"{i}.jpg", image, "image/jpeg")) for i in range(4)]
 

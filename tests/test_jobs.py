@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from redis import Redis
 
 from predictor.batcher import DynamicBatcher
 from predictor.jobs import JobWorker
@@ -13,7 +14,8 @@ from predictor.jobs_memory import MemoryJobStore
 from predictor.jobs_redis import RedisJobStore
 from predictor.redis_client import connect
 
-from .redis_server import redis_server  # noqa: F401  (a fixture)
+from .conftest import Server
+from .redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
 
 # -- the store and the worker, in process -----------------------------------------------------------
@@ -47,7 +49,7 @@ def make_store(request):
         shared = {}
         return lambda ttl_s=60, visibility_timeout_s=1.0: shared.setdefault("store", MemoryJobStore(ttl_s))
     redis_server = request.getfixturevalue("redis_server")
-    return lambda ttl_s=60, visibility_timeout_s=1.0: RedisJobStore(connect(redis_server.url, 10), ttl_s,
+    return lambda ttl_s=60, visibility_timeout_s=1.0: RedisJobStore(connect(redis_server.url, 10, retries=3), ttl_s,
                                                                     visibility_timeout_s)
 
 
@@ -72,7 +74,7 @@ def test_a_dead_workers_chunk_is_taken_over_none_lost_none_duplicated(redis_serv
     """A worker that dies mid-chunk (cancelled while classifying: nothing acknowledged) leaves its chunk
     pending; another worker, on its own Redis connection, claims it after the visibility timeout."""
     def make_store(visibility_timeout_s: float) -> RedisJobStore:
-        return RedisJobStore(connect(redis_server.url, 10), 60, visibility_timeout_s)
+        return RedisJobStore(connect(redis_server.url, 10, retries=3), 60, visibility_timeout_s)
 
     async def main():
         store = make_store(visibility_timeout_s=1.0)
@@ -158,7 +160,7 @@ def test_results_expire_after_the_ttl(make_store):
 
 def test_a_chunk_that_keeps_killing_workers_fails_its_job(redis_server):
     async def main():
-        store = RedisJobStore(connect(redis_server.url, 10), 60, visibility_timeout_s=0.2)
+        store = RedisJobStore(connect(redis_server.url, 10, retries=3), 60, visibility_timeout_s=0.2)
         job = await store.create(None, files_named(2), None, chunk_size=2)
         for _ in range(3):  # three workers die on it
             stuck = asyncio.Event()
@@ -203,3 +205,172 @@ def test_interactive_calls_overtake_queued_job_work():
     asyncio.run(main())
     assert [i for i, values in enumerate(batches) if 2 in values] == [1], batches  # right after the running one
     assert len(batches) == 9
+
+
+# -- the HTTP API on real replicas sharing one Redis -------------------------------------------------
+KEYS = {"a": "job-key-a", "b": "job-key-b", "c": "job-key-c"}
+BAD_FILES = [b"", b"plain text, not an image", None]  # None: a truncated JPEG, made from a real one
+
+
+def auth(name: str) -> dict:
+    return {"Authorization": f"Bearer {KEYS[name]}"}
+
+
+def multipart(files: list[bytes]) -> list[tuple]:
+    return [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(files)]
+
+
+def submit(server: Server, files: list[bytes], key: str = "a", **params) -> dict:
+    response = server.client.post("/classify/jobs", files=multipart(files), params=params, headers=auth(key))
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert response.headers["location"] == body["status_url"] == f"/classify/jobs/{body['job_id']}"
+    assert body["status"] == "queued"
+    return body
+
+
+def wait_until(server: Server, job_id: str, statuses: tuple[str, ...], key: str = "a", timeout: float = 120,
+               **params) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = server.client.get(f"/classify/jobs/{job_id}", params=params, headers=auth(key))
+        assert response.status_code == 200, response.text
+        if response.json()["status"] in statuses:
+            return response.json()
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} not {statuses} after {timeout} s: {response.json()}")
+
+
+def batch_answers(server: Server, files: list[bytes], key: str = "a") -> list[dict]:
+    """What /classify/batch says about the same files, 64 at a time: a job's results must match it."""
+    answers = []
+    for start in range(0, len(files), 64):
+        response = server.client.post("/classify/batch", files=multipart(files[start:start + 64]), headers=auth(key))
+        assert response.status_code == 200, response.text
+        answers += response.json()["results"]
+    return answers
+
+
+def replica(redis_url: str, *args: str) -> Server:
+    return Server("--redis_url", redis_url, "--job_chunk_size", "16", "--job_visibility_timeout_s", "2",
+                  "--rate_limit_per_minute", "300", *args, env={"API_KEYS": ",".join(KEYS.values())})
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    """Two replicas sharing one redis-server, API keys on, results kept 8 s."""
+    redis = RedisServer()
+    servers = [replica(redis.url, "--job_ttl_s", "8") for _ in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+    redis.stop()
+
+
+def test_a_job_submitted_to_one_replica_is_read_on_another(replicas, holdout):
+    first, second = replicas
+    truncated = holdout[0][0][: len(holdout[0][0]) // 2]
+    files = [data for data, _ in holdout[:40]] + [f if f is not None else truncated for f in BAD_FILES]
+    job = submit(first, files)
+    done = wait_until(second, job["job_id"], ("succeeded",))
+    assert done["progress"] == {"done": len(files), "total": len(files)} and done["finished_at"] >= done["created_at"]
+    assert done["next_offset"] is None
+    assert done["results"] == batch_answers(second, files)  # same answers, same order, bad files in their slots
+    assert [r["error"]["code"] for r in done["results"][-3:]] == ["empty_file", "unsupported_media_type", "invalid_image"]
+    page = wait_until(first, job["job_id"], ("succeeded",), offset=10, limit=20)
+    assert page["results"] == done["results"][10:30] and page["next_offset"] == 30
+
+
+def test_a_job_is_visible_only_to_its_key(replicas, holdout):
+    first, second = replicas
+    job = submit(first, [holdout[0][0]], key="a")
+    url = f"/classify/jobs/{job['job_id']}"
+    for method in ("GET", "DELETE"):
+        other = second.client.request(method, url, headers=auth("b"))
+        assert other.status_code == 404 and other.json()["error"]["code"] == "job_not_found", other.text
+        anonymous = second.client.request(method, url)
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
+    assert second.client.post("/classify/jobs", files=multipart([holdout[0][0]])).status_code == 401
+    assert wait_until(second, job["job_id"], ("succeeded",), key="a")["progress"]["done"] == 1
+    assert second.client.get("/classify/jobs/not-a-job", headers=auth("a")).status_code == 404
+
+
+def test_cancel_and_the_rate_limit_by_files(replicas, holdout):
+    """A 400-file job is cancelled while it runs, and costs its key 400 rate-limit tokens (300/min): the
+    key's next call is refused, another key's is not."""
+    first, second = replicas
+    job = submit(first, [data for data, _ in holdout[:400]], key="c")
+    cancelled = second.client.delete(f"/classify/jobs/{job['job_id']}", headers=auth("c"))
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelled" and cancelled.json()["finished_at"]
+    time.sleep(2)
+    later = wait_until(first, job["job_id"], ("cancelled",), key="c")
+    assert later["progress"]["done"] < 400 and "results" not in later
+    again = first.client.delete(f"/classify/jobs/{job['job_id']}", headers=auth("c"))
+    assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
+    limited = first.client.post("/classify/image", files={"file": holdout[0][0]}, headers=auth("c"))
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    assert first.client.post("/classify/image", files={"file": holdout[0][0]}, headers=auth("b")).status_code == 200
+
+
+def test_results_expire(replicas, holdout):
+    first, _ = replicas
+    job = submit(first, [holdout[1][0]], key="b")
+    wait_until(first, job["job_id"], ("succeeded",), key="b")
+    time.sleep(9)
+    gone = first.client.get(f"/classify/jobs/{job['job_id']}", headers=auth("b"))
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "job_not_found"
+
+
+def test_job_limits_are_4xx_json(replicas, holdout):
+    first, _ = replicas
+    for response, status, code in (
+        (first.client.post("/classify/jobs", headers=auth("a")), 422, "invalid_request"),
+        (first.client.post("/classify/jobs?top_k=11", files=multipart([holdout[0][0]]), headers=auth("a")), 422,
+         "invalid_request"),
+    ):
+        assert response.status_code == status and response.json()["error"]["code"] == code, response.text
+
+
+def test_limits_of_a_job(redis_server, holdout):
+    """Jobs have limits of their own: more files than --max_batch_files and a body over --max_body_bytes
+    are fine up to --max_job_files and --max_job_bytes, then 413."""
+    server = Server("--redis_url", redis_server.url, "--max_batch_files", "2", "--max_body_bytes", "10000",
+                    "--max_job_files", "5", "--max_job_bytes", "20000", "--rate_limit_per_minute", "0")
+    try:
+        small = [data for data, _ in holdout[:6]]
+        assert server.client.post("/classify/jobs", files=multipart(small[:5])).status_code == 202
+        too_many = server.client.post("/classify/jobs", files=multipart(small))
+        assert too_many.status_code == 413 and too_many.json()["error"]["code"] == "too_many_files", too_many.text
+        large = b"\xff\xd8\xff" + bytes(15000)
+        assert server.client.post("/classify/batch", files=multipart([large])).status_code == 413
+        accepted = server.client.post("/classify/jobs", files=multipart([large]))
+        assert accepted.status_code == 202, accepted.text
+        too_big = server.client.post("/classify/jobs", files=multipart([large + bytes(10000)]))
+        assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "payload_too_large", too_big.text
+    finally:
+        server.stop()
+
+
+def test_kill_9_of_the_replica_working_a_job_loses_nothing(redis_server, holdout):
+    """The replica working a job is killed mid-chunk; another replica takes its chunks over after the
+    visibility timeout, and the job succeeds with every result, once, in order."""
+    files = [data for data, _ in holdout[:600]]
+    doomed = replica(redis_server.url, "--job_chunk_size", "150")
+    job = submit(doomed, files)
+    probe = Redis.from_url(redis_server.url)
+    deadline = time.monotonic() + 60
+    while probe.hget(f"job:{job['job_id']}", "status") != b"running" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    doomed.process.kill()  # SIGKILL: nothing is acknowledged, nothing cleaned up
+    doomed.process.wait()
+    in_flight, done = probe.xpending("jobs:work", "workers")["pending"], probe.hlen(f"job:{job['job_id']}:out")
+    assert in_flight > 0 and done < 600, (in_flight, done)  # it died holding unfinished work
+    survivor = replica(redis_server.url)
+    try:
+        done = wait_until(survivor, job["job_id"], ("succeeded",), limit=1000, timeout=180)
+        assert len(done["results"]) == 600 and done["progress"] == {"done": 600, "total": 600}
+        assert done["results"] == batch_answers(survivor, files)
+    finally:
+        survivor.stop()
+        doomed.stop()

@@ -1,0 +1,112 @@
+"""The result cache on real replicas sharing a real redis-server: hits across replicas, keys that keep
+answers apart (top_k, other weights), and Redis going away mid-run (classify keeps answering, jobs say why)."""
+
+import time
+
+import pytest
+
+from .conftest import Server
+from .redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
+from .test_jobs import multipart, wait_until
+
+
+def classify(server: Server, data: bytes, **params):
+    response = server.client.post("/classify/image", files={"file": data}, params=params)
+    assert response.status_code == 200, response.text
+    return response.headers["x-cache"], {k: v for k, v in response.json().items() if k != "timestamp"}
+
+
+@pytest.fixture(scope="module")
+def shared_redis():
+    redis = RedisServer()
+    yield redis
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(shared_redis):
+    servers = [Server("--redis_url", shared_redis.url, "--rate_limit_per_minute", "0") for _ in range(2)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def test_the_same_image_again_is_a_hit_also_on_another_replica(pair, holdout):
+    first, second = pair
+    data = holdout[10][0]
+    state, answer = classify(first, data)
+    assert state == "miss"
+    assert classify(first, data) == ("hit", answer)
+    assert classify(second, data) == ("hit", answer)  # from Redis: the second replica never classified it
+    top3_state, top3 = classify(second, data, top_k=3)
+    assert top3_state == "miss" and len(top3["top_k"]) == 3  # top_k is part of the key
+    other_state, other = classify(second, holdout[11][0])
+    assert other_state == "miss" and other != answer
+
+
+def test_a_batch_is_a_hit_only_when_every_file_is(pair, holdout):
+    first, second = pair
+    files = [holdout[20][0], holdout[21][0]]
+    cold = first.client.post("/classify/batch", files=multipart(files))
+    assert cold.headers["x-cache"] == "miss"
+    warm = second.client.post("/classify/batch", files=multipart(files))
+    assert warm.headers["x-cache"] == "hit" and warm.json()["results"] == cold.json()["results"]
+    mixed = second.client.post("/classify/batch", files=multipart(files + [holdout[22][0]]))
+    assert mixed.headers["x-cache"] == "miss" and mixed.json()["results"][:2] == cold.json()["results"]
+    bad = second.client.post("/classify/batch", files=multipart([b"", b""]))
+    assert bad.headers["x-cache"] == "miss" and bad.json()["results"][0]["error"]["code"] == "empty_file"
+
+
+def test_a_canary_with_other_weights_never_reads_the_stable_entries(pair, shared_redis, holdout):
+    first, _ = pair
+    data = holdout[30][0]
+    _, stable = classify(first, data)
+    canary = Server("--redis_url", shared_redis.url, "--random_weights", "--rate_limit_per_minute", "0")
+    try:
+        state, answer = classify(canary, data)
+        assert state == "miss" and answer["model_version"] != stable["model_version"]
+        assert answer["all_probabilities"] != stable["all_probabilities"]
+        assert classify(canary, data) == ("hit", answer)
+    finally:
+        canary.stop()
+
+
+def test_redis_stopping_mid_run_never_fails_a_classify_call(redis_server, holdout):
+    server = Server("--redis_url", redis_server.url, "--rate_limit_per_minute", "0")
+    try:
+        seen = holdout[40][0]
+        assert classify(server, seen)[0] == "miss"
+        redis_server.stop()
+        for data in (seen, seen, holdout[41][0], holdout[42][0]):
+            state, answer = classify(server, data)
+            assert answer["predicted_class"]
+        assert classify(server, seen)[0] == "hit"  # the in-process cache still answers
+        refused = server.client.post("/classify/jobs", files=multipart([seen]))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "job_store_unavailable", refused.text
+        assert "Redis" in refused.json()["error"]["message"]
+        time.sleep(1)
+        assert server.log().count("result cache: Redis unavailable") == 1  # logged once per outage
+        metrics = server.client.get("/metrics").text
+        assert 'predictor_cache_redis_failures_total' in metrics
+        redis_server.start()  # back again: jobs are accepted and run
+        deadline = time.monotonic() + 30
+        while (accepted := server.client.post("/classify/jobs", files=multipart([seen]))).status_code != 202:
+            assert time.monotonic() < deadline, accepted.text
+            time.sleep(0.5)
+        assert wait_until(server, accepted.json()["job_id"], ("succeeded",))["progress"]["done"] == 1
+    finally:
+        server.stop()
+
+
+def test_without_redis_jobs_and_the_cache_live_in_the_process(holdout):
+    server = Server("--rate_limit_per_minute", "0")
+    try:
+        assert "no --redis_url" in server.log()
+        data = holdout[50][0]
+        assert classify(server, data)[0] == "miss" and classify(server, data)[0] == "hit"
+        job = server.client.post("/classify/jobs", files=multipart([data, b""]))
+        assert job.status_code == 202, job.text
+        done = wait_until(server, job.json()["job_id"], ("succeeded",))
+        assert done["results"][1]["error"]["code"] == "empty_file"
+    finally:
+        server.stop()
