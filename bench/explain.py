@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
-from bench.run import load_images, served_engine, start  # noqa: E402
+from bench.run import load_images, predictor_command, served_engine, start  # noqa: E402
 from tests.conftest import MODEL_NAME, free_port, stop_process  # noqa: E402
 
 
@@ -40,8 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    process, ready_s = start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
-                              "--rate_limit_per_minute", "0", "--max_explain_in_flight", str(max(args.concurrency))],
+    process, ready_s = start(predictor_command(port, "--max_explain_in_flight", str(max(args.concurrency))),
                              f"{base}/health")
     try:
         results = {"engine": served_engine(base), "start_to_ready_s": ready_s, "page": page_size(base), "explain": [],

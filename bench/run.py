@@ -4,7 +4,8 @@
 
 All servers run at once (an idle one costs nothing); each concurrency level is measured on each
 server in turn, so drift of the machine hits all alike:
-- predictor: the defaults (on a CPU: ONNX Runtime int8; rate limit off), started with empty caches;
+- predictor: the defaults (on a CPU: ONNX Runtime int8) but rate limit and result cache off, started
+  with empty compile caches;
 - predictor, torch fp32 eager: the same server with the seed's arithmetic (separates what batching
   and the server gain from what quantization gains);
 - seed-style baseline: one fp32 forward per request in FastAPI's thread pool, torch's default threads,
@@ -36,6 +37,14 @@ from predictor.engine import InferenceEngine, usable_cores  # noqa: E402
 from predictor.onnx_engine import OnnxEngine, onnx_int8_path  # noqa: E402
 from predictor.quantize import calibration_images  # noqa: E402
 from predictor.weights import PACKAGED_DIR, load_model  # noqa: E402
+
+
+def predictor_command(port: int, *flags: str) -> list[str]:
+    """`python -m predictor` as every benchmark runs it: rate limit off, and the result cache off, so
+    a benchmark that sends the same images again measures computing them, not the cache
+    (bench/jobs.py measures the cache)."""
+    return [sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
+            "--rate_limit_per_minute", "0", "--cache_ttl_s", "0", *flags]
 
 
 def start(command: list[str], health_url: str, env: dict | None = None) -> tuple[subprocess.Popen, float]:
@@ -128,8 +137,7 @@ def main() -> None:
     args = parser.parse_args()
 
     def predictor(port: int, *flags: str, env: dict | None = None) -> tuple[subprocess.Popen, float]:
-        return start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
-                      "--rate_limit_per_minute", "0", *flags], f"http://127.0.0.1:{port}/health", env)
+        return start(predictor_command(port, *flags), f"http://127.0.0.1:{port}/health", env)
 
     def baseline(port: int, *flags: str) -> tuple[subprocess.Popen, float]:
         return start([sys.executable, "bench/baseline_server.py", "--port", str(port), *flags],

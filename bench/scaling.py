@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
-from bench.run import load_images, start  # noqa: E402
+from bench.run import load_images, predictor_command, start  # noqa: E402
 from predictor.engine import usable_cores  # noqa: E402
 
 
@@ -32,9 +32,8 @@ def main() -> None:
     images, port, rows = load_images(20), 18380, []
     for config in args.configs:
         workers, threads, decode = (int(x) for x in config.split("x"))
-        process, ready_s = start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
-                                  "--rate_limit_per_minute", "0", "--workers", str(workers), "--intra_op_threads",
-                                  str(threads), "--decode_threads", str(decode)], f"http://127.0.0.1:{port}/health")
+        process, ready_s = start(predictor_command(port, "--workers", str(workers), "--intra_op_threads", str(threads),
+                                                    "--decode_threads", str(decode)), f"http://127.0.0.1:{port}/health")
         try:
             for concurrency in args.concurrency:
                 result = asdict(run_load(f"http://127.0.0.1:{port}/classify/image", images, concurrency, args.seconds))

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
-from bench.run import load_images, start  # noqa: E402
+from bench.run import load_images, predictor_command, start  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -107,8 +107,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args()
     port = 18280
-    server, _ = start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
-                       "--rate_limit_per_minute", "0", *args.server_args], f"http://127.0.0.1:{port}/health")
+    server, _ = start(predictor_command(port, *args.server_args), f"http://127.0.0.1:{port}/health")
     url = f"http://127.0.0.1:{port}/classify/image"
     try:
         images = load_images(20)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
-from bench.run import load_images, start  # noqa: E402
+from bench.run import load_images, predictor_command, start  # noqa: E402
 
 # First matching marker in a stack (innermost frame first) names its stage.
 STAGES = [
@@ -51,15 +51,14 @@ def main() -> None:
                         help="the table; py-spy's raw samples go next to it as profile-c<N>.raw")
     args = parser.parse_args()
     port = 18380
-    server, _ = start([sys.executable, "-m", "predictor", "--http_port", str(port), "--enable_grpc", "false",
-                       "--rate_limit_per_minute", "0", *args.server_args], f"http://127.0.0.1:{port}/health")
+    server, _ = start(predictor_command(port, *args.server_args), f"http://127.0.0.1:{port}/health")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     raw = args.out.with_name(f"profile-c{args.concurrency}.raw")
     try:
         load = threading.Thread(target=run_load, args=(f"http://127.0.0.1:{port}/classify/image", load_images(20),
                                                        args.concurrency, args.seconds + 4, 1.0))
         load.start()
-        subprocess.run(["py-spy", "record", "--pid", str(server.pid), "--duration", str(int(args.seconds)),
+        subprocess.run([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(server.pid), "--duration", str(int(args.seconds)),
                         "--format", "raw", "--threads", "--nonblocking", "--output", str(raw)],
                        check=True, capture_output=True)
         load.join()
