@@ -17,7 +17,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = Path(__file__).resolve().parent / "images"
 HOLDOUT = Path(__file__).resolve().parent / "data" / "holdout.tar.gz"
-SHARED_DATA = ROOT.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 MODEL_NAME = "cifar10-resnet18"
 
 
