@@ -29,7 +29,8 @@ VALUE_SETS = [None, *CI_VALUES]
 IDS = ["default", *(p.name.removesuffix("-values.yaml") for p in CI_VALUES)]
 # inferenceservice-config's metricsAggregator settings a cluster may have (KServe's default is both "false").
 CLUSTER_METRICS_CONFIGS = [{"enableMetricAggregation": "false", "enablePrometheusScraping": "false"},
-                           {"enableMetricAggregation": "false", "enablePrometheusScraping": "true"}]
+                           {"enableMetricAggregation": "false", "enablePrometheusScraping": "true"},
+                           {"enableMetricAggregation": "true", "enablePrometheusScraping": "true"}]
 
 
 def mode_of(objects) -> str:
@@ -61,7 +62,7 @@ def test_the_podmonitor_names_a_port_of_the_predictor_on_the_pod_the_cluster_cre
     assert selector.items() <= pod["metadata"]["labels"].items()
 
 
-@pytest.mark.parametrize("cluster", CLUSTER_METRICS_CONFIGS, ids=["cluster-scraping-off", "cluster-scraping-on"])
+@pytest.mark.parametrize("cluster", CLUSTER_METRICS_CONFIGS, ids=["cluster-scraping-off", "cluster-scraping-on", "cluster-aggregation-on"])
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
 def test_scrape_annotations_after_kserves_webhook_point_at_the_predictor(values_file, cluster):
     objects = render(values_file)
