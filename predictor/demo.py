@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from .errors import ApiError
+from .model import Cifar10Classifier
 
 UI_DIR = Path(__file__).parent / "ui"
 # Everything the page loads comes from this server (no CDN is reachable from a cluster); its images
@@ -20,7 +21,7 @@ _HEADERS = {
 _ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
-def build_ui_router(model) -> APIRouter:
+def build_ui_router(model: Cifar10Classifier) -> APIRouter:
     """`GET /` (the page, for `model`'s name) and `/ui/{asset}`; with `--ui false`, `GET /` is a JSON 404."""
     router = APIRouter(include_in_schema=False)
     if not model.settings.ui:

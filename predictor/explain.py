@@ -3,7 +3,7 @@
 Grad-CAM (Selvaraju et al., 2017) on the last residual stage (`layer4`) of the fp32 network, on the
 same weights as the served engine (which may run them in int8): the class score's gradient,
 averaged over each layer4 channel, weights that channel's activation map; the positive part of the
-sum, upsampled to the 32x32 input and scaled to 0..1, is the heat-map.
+sum (4x4 here), min-max scaled, upsampled to the 32x32 input and scaled to 0..1, is the heat-map.
 """
 
 import asyncio
@@ -22,6 +22,7 @@ from torch import nn
 
 from . import payloads
 from .errors import ApiError, overloaded
+from .model import Cifar10Classifier
 from .network import CLASSES, IMAGE_SIZE, normalize
 
 OVERLAY_SCALE = 4  # the 32x32 overlay is upscaled 4x (128x128) so a person can see it
@@ -157,8 +158,8 @@ async def _request_payload(request: Request) -> dict | bytes:
     return body
 
 
-def build_explain_router(model) -> APIRouter:
-    """`POST /v1/models/{name}:explain` for `model` (a Cifar10Classifier with `.network`, the fp32 module)."""
+def build_explain_router(model: Cifar10Classifier) -> APIRouter:
+    """`POST /v1/models/{name}:explain` for `model`, explained by `model.network` (its fp32 torch module)."""
     router = APIRouter()
     pool = ExplainPool(model.settings.max_explain_in_flight)
 
