@@ -149,9 +149,7 @@ def kserve_pod(objects: list[dict]) -> dict:
               "serving.kserve.io/inferenceservice": name, "component": "predictor"}
     annotations = {**isvc["metadata"].get("annotations", {}), **predictor.pop("annotations", {})}
     containers = predictor.pop("containers")
-    spec = {k: v for k, v in predictor.items() if k not in ("minReplicas", "maxReplicas", "scaleMetric", "scaleTarget",
-                                                           "containerConcurrency", "timeout", "canaryTrafficPercent",
-                                                           "autoScaling", "deploymentStrategy")}
+    spec = {k: v for k, v in predictor.items() if k in chart_pod.POD_FIELDS}  # KServe's own fields stay behind
     if knative:
         user = containers[0]
         port = user["ports"][0]["containerPort"] if user.get("ports") else 8080
