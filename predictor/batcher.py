@@ -59,7 +59,9 @@ class DynamicBatcher:
         if (not background and self._queued_images + len(images) > self.max_queue_images
                 and self._queued_images > 0):
             raise overloaded(f"{self._queued_images} images are already queued (limit {self.max_queue_images})")
-        chunks = [_Pending(images[i:i + self.max_batch_size]) for i in range(0, len(images), self.max_batch_size)]
+        # Background work comes in quarter batches, so it can fill what interactive requests leave of a batch.
+        piece = max(1, self.max_batch_size // 4) if background else self.max_batch_size
+        chunks = [_Pending(images[i:i + piece]) for i in range(0, len(images), piece)]
         for chunk in chunks:
             if background:
                 self._background.append(chunk)
