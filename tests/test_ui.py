@@ -1,6 +1,7 @@
 """The demo page at `GET /`, in a real headless Chromium (Debian's chromium + chromium-driver, via
 Selenium) against a real `python -m predictor` with API keys on."""
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -39,6 +40,12 @@ def browser():
     driver.quit()
 
 
+def enter_key(driver) -> None:
+    field = driver.find_element(By.ID, "api-key")
+    field.clear()  # the tab may remember a key from an earlier test
+    field.send_keys(KEY)
+
+
 def cards(driver) -> list:
     return driver.find_elements(By.CSS_SELECTOR, "#results .card")
 
@@ -59,7 +66,7 @@ def test_page_shows_class_probabilities_and_heatmap_of_real_images(keyed_server,
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("not an image")
     browser.get(f"{keyed_server.url}/")
-    browser.find_element(By.ID, "api-key").send_keys(KEY)
+    enter_key(browser)
     browser.find_element(By.ID, "files").send_keys("\n".join([*(str(IMAGES / n) for n in SHOWN), str(not_an_image)]))
     wait_until_settled(browser, len(SHOWN) + 1, overlays=len(SHOWN))
 
@@ -102,6 +109,30 @@ def test_without_the_key_the_page_shows_the_api_refusal(keyed_server, browser):
     refusal = keyed_server.client.post("/classify/image", files={"file": b"x"}).json()["error"]["message"]
     assert browser.find_element(By.ID, "status").text == refusal
     assert cards(browser)[0].find_element(By.CLASS_NAME, "error").text == refusal
+
+
+# Hands the page a real file the way the browser does on a paste or a drop (a DataTransfer holding it).
+HAND_OVER = """
+const [kind, name, b64] = arguments;
+const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+const data = new DataTransfer();
+data.items.add(new File([bytes], name, {type: "image/jpeg"}));
+if (kind === "paste") document.body.dispatchEvent(new ClipboardEvent("paste", {clipboardData: data, bubbles: true}));
+else document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+"""
+
+
+def test_pasted_and_dropped_images_are_classified(keyed_server, browser):
+    browser.get(f"{keyed_server.url}/")
+    enter_key(browser)
+    handed = {"paste": "frog_0001.jpg", "drop": "deer_0000.jpg"}
+    for kind, name in handed.items():
+        browser.execute_script(HAND_OVER, kind, name, base64.b64encode((IMAGES / name).read_bytes()).decode())
+        wait_until_settled(browser, list(handed).index(kind) + 1, overlays=list(handed).index(kind) + 1)
+    shown = {c.find_element(By.CLASS_NAME, "file").text: c.find_element(By.CLASS_NAME, "label").text for c in cards(browser)}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert shown == {name: keyed_server.client.post("/classify/image", files={"file": (IMAGES / name).read_bytes()},
+                                                    headers=headers).json()["predicted_class"] for name in handed.values()}
 
 
 def test_page_is_keyboard_reachable_and_fits_a_phone(keyed_server, browser):
