@@ -8,7 +8,8 @@ next one fills up, so under load batches grow on their own and a lone request is
 Two lanes: interactive calls, and background work (async batch jobs, `submit(..., background=True)`).
 A batch takes every interactive request that fits first and fills only the space left with
 background images, and never waits for company on their account, so a job adds at most one forward
-pass to an interactive call's wait, however large the job. Background work is bounded by its
+pass to an interactive call's wait, however large the job; while interactive calls are in flight,
+job work runs in quarter batches, so that pass is short. Background work is bounded by its
 callers (a job worker submits one chunk at a time), not by `max_queue_images`.
 """
 
@@ -40,6 +41,7 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.max_queue_images = max_queue_images
+        self._piece = max(1, max_batch_size // 4)  # background work's unit
         self._pending: deque[_Pending] = deque()
         self._background: deque[_Pending] = deque()
         self._queued_images = 0  # interactive images waiting (the bound applies to them only)
@@ -60,7 +62,7 @@ class DynamicBatcher:
                 and self._queued_images > 0):
             raise overloaded(f"{self._queued_images} images are already queued (limit {self.max_queue_images})")
         # Background work comes in quarter batches, so it can fill what interactive requests leave of a batch.
-        piece = max(1, self.max_batch_size // 4) if background else self.max_batch_size
+        piece = self._piece if background else self.max_batch_size
         chunks = [_Pending(images[i:i + piece]) for i in range(0, len(images), piece)]
         for chunk in chunks:
             if background:
@@ -101,19 +103,24 @@ class DynamicBatcher:
             if remaining <= 0 or not await self._wait_for_arrival(remaining):
                 break
         batch: list[_Pending] = []
-        interactive = self._take(self._pending, batch, 0)
+        interactive = self._take(self._pending, batch, 0, self.max_batch_size)
         self._queued_images -= interactive
-        self._take(self._background, batch, sum(len(p.images) for p in batch))
+        # While interactive calls are on their way, job work goes in quarter batches: the pass an
+        # arriving call must wait for is then a quarter as long.
+        size = sum(len(p.images) for p in batch)
+        busy = self.in_flight is not None and self.in_flight() > 0
+        self._take(self._background, batch, size, min(size + self._piece, self.max_batch_size) if busy else self.max_batch_size)
         return batch
 
-    def _take(self, lane: deque[_Pending], batch: list[_Pending], size: int) -> int:
-        """Move whole requests from `lane` into `batch` while they fit; returns the images taken off the lane.
+    def _take(self, lane: deque[_Pending], batch: list[_Pending], size: int, limit: int) -> int:
+        """Move whole requests from `lane` into `batch` while it stays within `limit` images; returns
+        the images taken off the lane.
 
         A chunk that does not fit starts the next batch. Chunks whose caller has gone (deadline
         passed, client disconnected) are dropped rather than computed.
         """
         taken = 0
-        while lane and size + len(lane[0].images) <= self.max_batch_size:
+        while lane and size + len(lane[0].images) <= limit:
             pending = lane.popleft()
             taken += len(pending.images)
             if pending.future.done():

@@ -109,13 +109,14 @@ class JobWorker:
     """
 
     def __init__(self, store: JobStore, classify: Classify, visibility_timeout_s: float, concurrency: int = 2,
-                 max_deliveries: int = 5, stats_every_s: float = 5.0):
+                 max_deliveries: int = 5, stats_every_s: float = 5.0, piece_size: int = 32):
         self.store = store
         self.classify = classify
         self.visibility_timeout_s = visibility_timeout_s
         self.concurrency = concurrency
         self.max_deliveries = max_deliveries
         self.stats_every_s = stats_every_s
+        self.piece_size = piece_size
         self._tasks: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
         self._name = f"{socket.gethostname()}-{os.getpid()}"
@@ -183,7 +184,11 @@ class JobWorker:
         finished = asyncio.Event()
         heartbeat = asyncio.get_running_loop().create_task(self._keep_alive(consumer, chunk, finished))
         try:
-            results = await self.classify(files, chunk.top_k)
+            # Piece by piece: the decode threads are shared with interactive calls, whose images
+            # should not queue behind a whole chunk's.
+            results = []
+            for start in range(0, len(files), self.piece_size):
+                results += await self.classify(files[start:start + self.piece_size], chunk.top_k)
         finally:
             finished.set()
             heartbeat.cancel()

@@ -184,30 +184,32 @@ def test_a_chunk_that_keeps_killing_workers_fails_its_job(redis_server):
 
 # -- the batcher's background lane -----------------------------------------------------------------
 def test_interactive_calls_overtake_queued_job_work():
-    """A job's 8 batches are queued first; an interactive call arriving next rides in the next
-    forward pass, not behind the whole job."""
-    batches: list[set[int]] = []
-    sizes: list[int] = []
+    """A job's 256 images are queued first; an interactive call arriving next rides in the next forward
+    pass, not behind the whole job, and while it is in flight job work runs in quarter batches."""
+    batches: list[list[int]] = []
+    in_flight = [0]
 
     def forward(images: np.ndarray) -> np.ndarray:  # stands in for the network: tags rows by pixel value
-        batches.append(set(images[:, 0, 0, 0].tolist()))
-        sizes.append(len(images))
+        batches.append(images[:, 0, 0, 0].tolist())
         time.sleep(0.05)
         return np.repeat(images[:, 0, 0, :1].astype(np.float32), 10, axis=1)
 
-    batcher = DynamicBatcher(forward, max_batch_size=32, max_delay_ms=2, in_flight=lambda: 1)
+    batcher = DynamicBatcher(forward, max_batch_size=32, max_delay_ms=2, in_flight=lambda: in_flight[0])
 
     async def main():
         job = asyncio.ensure_future(batcher.submit(np.full((256, 32, 32, 3), 1, np.uint8), background=True))
         await asyncio.sleep(0.02)  # the first job batch is on the forward thread
+        in_flight[0] += 1  # admitted by the guard, as the interactive call is while it runs
         interactive = await batcher.submit(np.full((4, 32, 32, 3), 2, np.uint8))
+        in_flight[0] -= 1
         assert interactive[0, 0] == 2 and not job.done()
         assert len(await job) == 256
 
     asyncio.run(main())
     assert [i for i, values in enumerate(batches) if 2 in values] == [1], batches  # right after the running one
-    # Job images fill what the interactive call leaves of its batch: 260 images in 9 full-ish passes.
-    assert len(batches) == 9 and all(n >= 28 for n in sizes[:8]), sizes
+    sizes = [len(b) for b in batches]
+    assert sizes[0] == 32 and sizes[1] == 4 + 8, sizes  # the call's batch: itself and a quarter batch of job work
+    assert set(sizes[3:-1]) == {32} and sum(sizes) == 260, sizes  # whole batches again once it has gone
 
 
 # -- the HTTP API on real replicas sharing one Redis -------------------------------------------------
