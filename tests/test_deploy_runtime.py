@@ -103,9 +103,11 @@ def deployed(tmp_path_factory):
         log.close()
 
 
-def send_traffic(url: str) -> dict:
-    """Real requests on every prediction path: successes, client errors, a batch; some at once."""
-    images = sorted(IMAGES.glob("*.jpg"))
+def send_traffic(url: str, holdout: list, wave: int) -> dict:
+    """Real requests on every prediction path: successes, client errors, a batch; some at once. Each
+    wave sends held-out images no earlier wave sent: a repeated image is answered from the result
+    cache, without a forward pass (and so without a batch to count)."""
+    images = [data for data, _ in holdout[wave * 100: wave * 100 + 40]]
     counts = {"ok": 0, "error": 0}
 
     def one_request(i: int) -> int:
@@ -113,8 +115,9 @@ def send_traffic(url: str) -> dict:
             if i % 10 == 9:
                 return c.post("/classify/image", files={"file": ("x.jpg", b"not an image", "image/jpeg")}).status_code
             if i % 10 == 8:
-                return c.post("/classify/batch", files=[("files", p.read_bytes()) for p in images[:3]]).status_code
-            return c.post("/classify/image", files={"file": images[i % len(images)].read_bytes()}).status_code
+                return c.post("/classify/batch", files=[("files", (f"{i}-{k}.jpg", images[(i + k) % 40], "image/jpeg"))
+                                                        for k in (1, 2, 3)]).status_code
+            return c.post("/classify/image", files={"file": ("x.jpg", images[i], "image/jpeg")}).status_code
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         for status in pool.map(one_request, range(40)):
@@ -213,8 +216,8 @@ def rule_expressions(objects: list[dict]) -> dict[str, str]:
     return {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
 
 
-def test_every_metric_used_by_the_rules_dashboard_and_keda_is_exported(deployed):
-    send_traffic(deployed.url)
+def test_every_metric_used_by_the_rules_dashboard_and_keda_is_exported(deployed, holdout):
+    send_traffic(deployed.url, holdout, wave=0)
     exported = {line.split("{")[0].split(" ")[0] for line in deployed.client.get("/metrics").text.splitlines()
                 if line and not line.startswith("#")}
     keda = one(render(CHART / "ci" / "standard-keda-values.yaml"), "InferenceService")
@@ -348,15 +351,15 @@ def test_prometheus_scrapes_the_predictor_as_the_podmonitor_says(prometheus):
     assert wait_for(lambda: prometheus.has_data(f'up{{namespace="{NAMESPACE}", job="{RELEASE}"}} == 1'), 10, "up == 1")
 
 
-def test_after_real_traffic_every_query_returns_data_and_the_alerts_fire(deployed, prometheus):
+def test_after_real_traffic_every_query_returns_data_and_the_alerts_fire(deployed, prometheus, holdout):
     # Before the first scrape no replica was known to serve: that alert resolves once scraped.
     wait_for(lambda: "Cifar10ClassifierNoReadyReplicas" not in prometheus.firing(), 30, "the no-replica alert to resolve")
-    send_traffic(deployed.url)
+    send_traffic(deployed.url, holdout, wave=1)
     # rate() sees only increases between scrapes: a series born with the first 400s reads as a flat
     # line, so send a second wave once Prometheus has the error series.
     wait_for(lambda: prometheus.has_data(f'api_requests_total{{job="{RELEASE}", code=~"4.."}}'), 30,
              "the error series to be scraped", interval=1)
-    send_traffic(deployed.url)
+    send_traffic(deployed.url, holdout, wave=2)
     expressions = [*SEED_QUERIES, *dashboard_expressions(prometheus.objects, prometheus.job)]
     missing = expressions
 
