@@ -94,8 +94,11 @@ def test_onnx_int8_matches_fp32_on_held_out_images(shipped, held_out, fp32_logit
     assert fp32_accuracy >= 0.92, fp32_accuracy  # the shipped weights on images they never saw
     assert abs(int8_accuracy - fp32_accuracy) <= 0.003, (int8_accuracy, fp32_accuracy)
     assert (logits.argmax(1) == fp32_logits.argmax(1)).mean() >= 0.99
-    # The probabilities, not only the argmax: the served confidence must be the fp32 network's.
-    assert np.abs(softmax(logits) - softmax(fp32_logits)).mean() < 0.005
+    # The probabilities, not only the argmax: the served confidence must be the fp32 network's, on
+    # average and on every image (a mean hides a few images gone badly wrong; measured on AVX2: mean
+    # 0.001, 99th percentile of the per-image max 0.064, largest 0.135).
+    shift = np.abs(softmax(logits) - softmax(fp32_logits))
+    assert shift.mean() < 0.005 and shift.max() < 0.25, (shift.mean(), shift.max())
 
 
 def test_onnx_graph_that_does_not_match_the_card_is_refused(tmp_path, shipped):
@@ -191,7 +194,7 @@ def test_compile_without_a_compiler_stops_with_one_clear_line(tmp_path):
     assert "cannot serve: --compile true needs a C++ compiler" in result.stdout + result.stderr
 
 
-def test_default_server_serves_onnx_int8_without_compiling(cifar_jpegs):
+def test_default_server_serves_onnx_int8_without_compiling(holdout):
     server = Server("--rate_limit_per_minute", "0")
     eager = Server("--engine", "torch", "--precision", "fp32", "--compile", "false", "--rate_limit_per_minute", "0")
     try:
@@ -202,11 +205,11 @@ def test_default_server_serves_onnx_int8_without_compiling(cifar_jpegs):
         assert 0 < parameters["load_seconds"] < 10 and meta["versions"] == [parameters["version"]]
         assert "on cpu int8 onnxruntime" in server.log()
         assert "agrees with the fp32 network" in server.log()
-        for name, data in cifar_jpegs.items():
-            fast = server.client.post("/classify/image", files={"file": (name, data, "image/jpeg")}).json()
-            slow = eager.client.post("/classify/image", files={"file": (name, data, "image/jpeg")}).json()
-            assert fast["predicted_class"] == slow["predicted_class"], name
-            assert abs(fast["confidence"] - slow["confidence"]) < 0.05, name
+        for i, (data, _) in enumerate(holdout[::100]):  # 20 held-out images, 2 per class
+            fast = server.client.post("/classify/image", files={"file": ("x.jpg", data, "image/jpeg")}).json()
+            slow = eager.client.post("/classify/image", files={"file": ("x.jpg", data, "image/jpeg")}).json()
+            assert fast["predicted_class"] == slow["predicted_class"], i
+            assert abs(fast["confidence"] - slow["confidence"]) < 0.05, i
     finally:
         server.stop()
         eager.stop()
