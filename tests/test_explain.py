@@ -146,3 +146,19 @@ def test_explain_needs_the_api_key_and_is_counted_as_explain(limited_server, cif
     assert_error(httpx.post(f"{limited_server.url}{EXPLAIN}", json=body, headers={"X-API-Key": "wrong"}), 401, "unauthorized")
     assert limited_server.client.post(EXPLAIN, json=body).status_code == 200
     assert scraped_total(limited_server.url, "explain") == before + 3
+
+
+def test_an_explanation_cut_off_by_the_deadline_keeps_its_slot_until_it_ends(holdout):
+    srv = Server("--max_explain_in_flight", "1", "--request_timeout_s", "0.5", "--rate_limit_per_minute", "0")
+    try:
+        heavy = instances(*(jpeg for jpeg, _ in holdout[:64]))
+        assert_error(srv.client.post(EXPLAIN, json=heavy), 504, "deadline_exceeded")
+        # Its Grad-CAM is still computing: the CPU work stays bounded, a new one is refused...
+        assert_error(srv.client.post(EXPLAIN, json=instances(holdout[0][0])), 503, "overloaded")
+        # ...until it ends; then the slot is free (a single image fits the deadline once it is).
+        deadline = time.monotonic() + 60
+        while (status := srv.client.post(EXPLAIN, json=instances(holdout[0][0])).status_code) != 200:
+            assert status in (503, 504) and time.monotonic() < deadline, status
+            time.sleep(0.5)
+    finally:
+        srv.stop()
