@@ -32,6 +32,7 @@ from .network import ARCHITECTURE, CLASSES, build_resnet18, normalize
 from .weights import CARD_FILE, PACKAGED_DIR, WEIGHTS_FILE, load_model, network_from_file, save_weights, sha256_of
 
 log = logging.getLogger("predictor.train")
+MIN_SCHEDULE_STEPS = 8
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -142,6 +143,12 @@ def train(args: argparse.Namespace) -> dict | None:
     images = torch.from_numpy(train_set.images).to(device)
     labels = torch.from_numpy(train_set.labels).to(device)
     steps_per_epoch = max(1, len(images) // args.batch_size)  # drop the ragged last batch
+    # The one-cycle schedule's warm-up is a quarter of the steps; under 8 steps it has none, and torch
+    # divides by its length.
+    if args.epochs * steps_per_epoch < MIN_SCHEDULE_STEPS:
+        raise SystemExit(f"{args.epochs} epoch(s) x {steps_per_epoch} step(s) of {args.batch_size} images is under the "
+                         f"{MIN_SCHEDULE_STEPS} optimizer steps the one-cycle schedule needs: use more images or epochs, "
+                         "or a smaller --batch-size")
     autocast = bf16_supported(device)
     log.info("device %s, bf16 autocast %s, %d train / %d validation images, %d steps/epoch",
              device, autocast, len(images), len(val_set.labels), steps_per_epoch)

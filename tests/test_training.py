@@ -88,6 +88,12 @@ def test_train_learns_exports_and_evaluates(sample, tmp_path, capsys):
     assert over_http["per_class_accuracy"] == report["per_class_accuracy"]
 
 
+def test_too_short_a_schedule_is_refused_with_a_clear_message(sample, tmp_path):
+    """2 epochs of 2 batches: the one-cycle schedule has no warm-up step (torch would divide by zero)."""
+    with pytest.raises(SystemExit, match="optimizer steps the one-cycle schedule needs"):
+        run_train(sample, tmp_path, "--epochs", "2", "--limit", "50")
+
+
 def test_resumed_run_is_the_uninterrupted_run(sample, tmp_path):
     """Stop after one epoch, then resume: the same network as the run that was never stopped (50 images,
     batches of 10: the one-cycle schedule needs more than a handful of steps)."""
