@@ -22,6 +22,7 @@ from .deploy_common import (CHART, NAMESPACE, PROMTOOL, RELEASE, SEED_QUERIES, P
                             tool, wait_for)
 
 DRIFT = "Cifar10ClassifierClassMixDrift"
+JOBS_WAITING = "Cifar10ClassifierJobsWaiting"
 # Scrape every second; the drift alert over a 1-minute window, at once, from 60 predictions (its
 # threshold stays the chart's default).
 LIVE_SETS = ("monitoring.podMonitor.interval=1s", "monitoring.podMonitor.scrapeTimeout=1s",
@@ -188,6 +189,40 @@ def test_promtool_the_drift_rule_fires_on_a_skewed_mix_only(tmp_path):
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
     # The same tests fail against a rule that never fires: they can tell.
     tests["rule_files"] = [str(rules_file(render(sets=("monitoring.prometheusRule.classMixDrift.threshold=1",)),
+                                          tmp_path / "lax.yaml", annotations=False))]
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    assert run([tool(PROMTOOL), "test", "rules", test_file], check=False).returncode != 0
+
+
+def test_promtool_the_jobs_waiting_rule_fires_on_a_job_that_waits_too_long(tmp_path):
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["monitoring"]["prometheusRule"]["jobsWaiting"]
+    assert (values["thresholdSeconds"], values["for"]) == (600, "5m")  # the times below
+    rules = rules_file(render(), tmp_path / "rules.yaml", annotations=False)
+    # Two replicas report the shared store's oldest queued job; one has not scraped it yet.
+    age = f'predictor_job_oldest_queued_age_seconds{{namespace="{NAMESPACE}", job="{RELEASE}"'
+    tests = {
+        "rule_files": [str(rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            # A job waits from minute 0 on: its age passes 600 s after 10 minutes, and the alert fires 5 later.
+            {"interval": "1m", "input_series": [
+                {"series": age + ', pod="a"}', "values": "0+60x30"},
+                {"series": age + ', pod="b"}', "values": "0x30"},
+            ], "alert_rule_test": [
+                {"eval_time": "14m", "alertname": JOBS_WAITING, "exp_alerts": []},
+                {"eval_time": "20m", "alertname": JOBS_WAITING, "exp_alerts": [{"exp_labels": {"severity": values["severity"]}}]},
+            ]},
+            # Jobs start within 5 minutes: quiet.
+            {"interval": "1m", "input_series": [{"series": age + ', pod="a"}', "values": "0+60x4 0+60x4 0+60x4 0+60x4"}],
+             "alert_rule_test": [{"eval_time": "15m", "alertname": JOBS_WAITING, "exp_alerts": []}]},
+        ],
+    }
+    test_file = tmp_path / "jobs_test.yaml"
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = run([tool(PROMTOOL), "test", "rules", test_file], check=False)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    # The same tests fail against a rule that never fires: they can tell.
+    tests["rule_files"] = [str(rules_file(render(sets=("monitoring.prometheusRule.jobsWaiting.thresholdSeconds=100000",)),
                                           tmp_path / "lax.yaml", annotations=False))]
     test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
     assert run([tool(PROMTOOL), "test", "rules", test_file], check=False).returncode != 0
