@@ -147,7 +147,19 @@ def test_the_readme_shows_the_seeds_queries_verbatim():
         assert 'endpoint="/classify/image"' not in text and "endpoint=\"/" not in text, readme
 
 
-# -- the drift rule's logic, promtool ------------------------------------------------------------------------
+# -- the rules' logic, promtool ------------------------------------------------------------------------
+def assert_promtool_passes_and_tells(tests: dict, tmp_path, never_firing: str) -> None:
+    """`promtool test rules` passes `tests` on the chart's rules, and fails them on the rules rendered
+    with `never_firing` (a threshold no series reaches): the tests can tell a rule that never fires."""
+    test_file = tmp_path / "rules_test.yaml"
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = run([tool(PROMTOOL), "test", "rules", test_file], check=False)
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
+    tests = {**tests, "rule_files": [str(rules_file(render(sets=(never_firing,)), tmp_path / "lax.yaml", annotations=False))]}
+    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
+    assert run([tool(PROMTOOL), "test", "rules", test_file], check=False).returncode != 0
+
+
 def drift_series(version: str, per_minute: dict[str, str]) -> list[dict]:
     sel = f'namespace="{NAMESPACE}", job="{RELEASE}", model_version="{version}"'
     return [{"series": f'predictor_predictions_total{{{sel}, predicted_class="{c}"}}', "values": v}
@@ -183,15 +195,7 @@ def test_promtool_the_drift_rule_fires_on_a_skewed_mix_only(tmp_path):
              "alert_rule_test": [{"eval_time": "80m", "alertname": DRIFT, "exp_alerts": fired}]},
         ],
     }
-    test_file = tmp_path / "drift_test.yaml"
-    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
-    result = run([tool(PROMTOOL), "test", "rules", test_file], check=False)
-    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
-    # The same tests fail against a rule that never fires: they can tell.
-    tests["rule_files"] = [str(rules_file(render(sets=("monitoring.prometheusRule.classMixDrift.threshold=1",)),
-                                          tmp_path / "lax.yaml", annotations=False))]
-    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
-    assert run([tool(PROMTOOL), "test", "rules", test_file], check=False).returncode != 0
+    assert_promtool_passes_and_tells(tests, tmp_path, "monitoring.prometheusRule.classMixDrift.threshold=1")
 
 
 def test_promtool_the_jobs_waiting_rule_fires_on_a_job_that_waits_too_long(tmp_path):
@@ -217,12 +221,4 @@ def test_promtool_the_jobs_waiting_rule_fires_on_a_job_that_waits_too_long(tmp_p
              "alert_rule_test": [{"eval_time": "15m", "alertname": JOBS_WAITING, "exp_alerts": []}]},
         ],
     }
-    test_file = tmp_path / "jobs_test.yaml"
-    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
-    result = run([tool(PROMTOOL), "test", "rules", test_file], check=False)
-    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
-    # The same tests fail against a rule that never fires: they can tell.
-    tests["rule_files"] = [str(rules_file(render(sets=("monitoring.prometheusRule.jobsWaiting.thresholdSeconds=100000",)),
-                                          tmp_path / "lax.yaml", annotations=False))]
-    test_file.write_text(yaml.safe_dump(tests, sort_keys=False))
-    assert run([tool(PROMTOOL), "test", "rules", test_file], check=False).returncode != 0
+    assert_promtool_passes_and_tells(tests, tmp_path, "monitoring.prometheusRule.jobsWaiting.thresholdSeconds=100000")
