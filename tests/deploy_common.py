@@ -86,10 +86,11 @@ def render_text(values_file: Path | None = None, sets: tuple[str, ...] = (), rel
 
 
 def render(values_file: Path | None = None, sets: tuple[str, ...] = (), release: str = RELEASE,
-           namespace: str = NAMESPACE) -> list[dict]:
-    """The chart's objects for these values on a cluster with every optional API (deep copies:
-    callers may change them)."""
-    return copy.deepcopy([d for d in yaml.safe_load_all(render_text(values_file, sets, release, namespace)) if d])
+           namespace: str = NAMESPACE, api_versions: tuple[str, ...] = OPTIONAL_APIS) -> list[dict]:
+    """The chart's objects for these values on a cluster with the `api_versions` optional APIs (by
+    default every one; deep copies: callers may change them)."""
+    return copy.deepcopy([d for d in yaml.safe_load_all(render_text(values_file, sets, release, namespace, api_versions))
+                          if d])
 
 
 def render_notes(values_file: Path | None = None, sets: tuple[str, ...] = (), release: str = RELEASE,
