@@ -235,7 +235,7 @@ def test_every_metric_used_by_the_rules_dashboard_and_keda_is_exported(deployed,
 # -- promtool --------------------------------------------------------------------------------------
 def test_promtool_check_rules(tmp_path):
     result = run([tool(PROMTOOL), "check", "rules", rules_file(render(), tmp_path / "rules.yaml")])
-    assert "SUCCESS: 4 rules found" in result.stdout, result.stdout
+    assert "SUCCESS: 5 rules found" in result.stdout, result.stdout
     broken = tmp_path / "broken.yaml"
     broken.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"alert": "A", "expr": "sum(rate(x[5m])"}]}]}))
     assert run([tool(PROMTOOL), "check", "rules", broken], check=False).returncode != 0
