@@ -241,7 +241,7 @@ def test_the_package_and_weights_come_from_the_image_venv(pod):
     assert pod.exec("sh", "-c", "ls -d /root/.cache/pip /src /tmp/wheels 2>/dev/null", check=False).stdout == ""
 
 
-def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp_path_factory):
+def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp_path_factory, holdout):
     """A second pod (warm: right after the first, which is stopped first: one predictor at a time on
     this machine), loaded with batch calls; SIGTERM to the container (PID 1) while they are in flight.
     Every call admitted before the signal is answered 200; calls after it get 503 shutting_down or a
@@ -254,10 +254,10 @@ def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp
     try:
         p.start()
         REPORT["warm_start_to_ready_s"] = round(p.ready_s, 1)
-        image = (IMAGES / "cat_0000.jpg").read_bytes()
-        files = [("files", (f"{i}.jpg", image, "image/jpeg")) for i in range(16)]  # 12 x 16 fit the 256-image queue
-
-        def call(_):
+        def call(i):
+            # 16 images no other call sends (12 x 16 fit the 256-image queue): the result cache answers
+            # a repeated image at once, and these must be in flight when SIGTERM comes.
+            files = [("files", (f"{j}.jpg", holdout[j][0], "image/jpeg")) for j in range(16 * i, 16 * i + 16)]
             try:
                 with httpx.Client(base_url=p.url, timeout=60) as client:
                     response = client.post("/classify/batch", files=files)
@@ -270,7 +270,7 @@ def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp
             time.sleep(1.0)  # the first wave is admitted and queued by now
             podman("kill", "--signal", "TERM", p.container)
             signalled = time.monotonic()
-            late = [pool.submit(call, i) for i in range(4)]
+            late = [pool.submit(call, i) for i in range(12, 16)]
             exit_code = int(podman("wait", p.container, timeout=drain_timeout + 60).stdout.strip())
             exit_seconds = time.monotonic() - signalled
             outcomes = [f.result() for f in first_wave]
