@@ -4,9 +4,13 @@ Engines (`--engine`): `onnx` (ONNX Runtime, the shipped int8 graph; CPU only, se
 `torch` (CUDA, and every CPU precision). `auto` takes onnx on the CPU when the precision asked is
 auto or int8 and the graph ships, else torch.
 Torch precisions (`--precision`): CPU fp32 | bf16 | int8, CUDA fp16 | bf16 | fp32. `auto` takes the
-fastest this device runs well: on CUDA fp16; on CPU int8 where the CPU has VNNI/AMX int8 instructions
-and the calibration images are shipped, else bf16 where it has native bf16, else fp32. Every shipped
-precision keeps validation accuracy within 0.3 points of fp32 (README, `predictor.evaluate --precision`).
+fastest this device runs well: on CUDA fp16; on CPU int8 where the CPU has VNNI/AMX int8 instructions,
+else bf16 where it has native bf16, else fp32 -- the reduced CPU precisions only when the calibration
+images ship, because they are gated at load like the int8 graph: the engine must pick the fp32
+network's class on at least 98 % of them, or `auto` serves fp32 (an explicit precision is refused).
+So `auto` never changes the numbers a CPU serves without checking them first, whatever its
+instruction set. Every shipped precision keeps validation accuracy within 0.3 points of fp32 (README,
+`predictor.evaluate --precision`).
 Compiled paths are compiled and warmed up at load, before the server reports ready.
 """
 
@@ -31,8 +35,11 @@ CPU_PRECISIONS = ("fp32", "bf16", "int8")
 CUDA_PRECISIONS = ("fp16", "bf16", "fp32")
 # The CUDA 13 wheels' runtime needs at least this NVIDIA driver (major version).
 MIN_CUDA_DRIVER = 580
-# Share of the calibration images on which the int8 graph must pick the fp32 network's class.
-MIN_INT8_AGREEMENT = 0.98
+# Share of the calibration images on which a reduced-precision CPU engine (int8, bf16) must pick the
+# fp32 network's class.
+MIN_AGREEMENT = 0.98
+# CPU precisions whose numbers differ from fp32 enough to need that check before serving.
+GATED_CPU_PRECISIONS = ("int8", "bf16")
 
 
 class EngineError(Exception):
@@ -91,7 +98,8 @@ def _nvidia_driver_version() -> int | None:
 def build_engine(network: torch.nn.Module, card: dict, model_dir: Path | None, *, engine: str, device: str,
                  precision: str, max_batch_size: int, threads: int, compile: bool,
                  calibration: np.ndarray | None):
-    """The engine that serves: ONNX Runtime int8 or torch, checked against the fp32 network when it is int8."""
+    """The engine that serves: ONNX Runtime int8 or torch, checked against the fp32 network when its
+    precision is a reduced CPU one (int8, bf16)."""
     from .onnx_engine import OnnxEngine, onnx_int8_path
 
     device = resolve_device(device)
@@ -101,23 +109,35 @@ def build_engine(network: torch.nn.Module, card: dict, model_dir: Path | None, *
     else:
         torch.set_num_threads(threads)
         runner = InferenceEngine(network, device, precision, max_batch_size, calibration, compile)
-    if runner.precision == "int8":
+    if runner.device_type != "cpu" or runner.precision not in GATED_CPU_PRECISIONS:
+        return runner
+    if calibration is None:
+        # Only reachable by asking for bf16 explicitly on weights without a calibration set.
+        log.warning("%s asked for explicitly: not checked against fp32 (no calibration images ship with these "
+                    "weights)", runner.precision)
+        return runner
+    try:
         check_agreement(runner, network, calibration)
+    except WeightsError as exc:
+        if precision != "auto" or runner.precision == "int8":
+            raise
+        log.warning("%s; serving fp32 instead", exc)
+        runner = InferenceEngine(network, device, "fp32", max_batch_size, calibration, compile)
     return runner
 
 
 def check_agreement(runner, network: torch.nn.Module, calibration: np.ndarray | None) -> float:
     """Share of the calibration images on which `runner` picks the fp32 network's class; raises below the floor."""
     if calibration is None:
-        raise WeightsError("int8 needs the calibration images shipped with the weights")
+        raise WeightsError(f"{runner.precision} needs the calibration images shipped with the weights")
     with torch.inference_mode():
         reference = network.eval()(normalize(torch.from_numpy(calibration))).argmax(1).numpy()
     agreement = float((runner.logits(calibration).argmax(1) == reference).mean())
-    if agreement < MIN_INT8_AGREEMENT:
-        raise WeightsError(f"int8 engine agrees with the fp32 network on only {agreement:.1%} of the calibration "
-                           f"images (floor {MIN_INT8_AGREEMENT:.0%}): refusing to serve it")
-    log.info("int8 engine agrees with the fp32 network on %.1f%% of %d calibration images", 100 * agreement,
-             len(calibration))
+    if agreement < MIN_AGREEMENT:
+        raise WeightsError(f"the {runner.precision} engine agrees with the fp32 network on only {agreement:.1%} of "
+                           f"the calibration images (floor {MIN_AGREEMENT:.0%}): refusing to serve it")
+    log.info("%s engine agrees with the fp32 network on %.1f%% of %d calibration images", runner.precision,
+             100 * agreement, len(calibration))
     return agreement
 
 
@@ -130,22 +150,31 @@ def cpu_has(feature: str) -> bool:
         return False
 
 
-def resolve_precision(requested: str, device: torch.device, int8_ready: bool) -> str:
+def native_cpu_precisions() -> frozenset[str]:
+    """The reduced precisions this CPU has native instructions for: int8 (VNNI or AMX), bf16 (oneDNN's bf16 kernels)."""
+    native = set()
+    if cpu_has("avx512_vnni") or cpu_has("amx_int8"):
+        native.add("int8")
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        native.add("bf16")
+    return frozenset(native)
+
+
+def resolve_precision(requested: str, device: torch.device, verifiable: bool,
+                      native: frozenset[str] | None = None) -> str:
+    """The precision to serve. `verifiable`: the calibration images ship, so a reduced CPU precision can be
+    gated against fp32 at load; `native`: this CPU's native reduced precisions (read from it by default)."""
     if device.type == "cuda":
         choice = "fp16" if requested == "auto" else requested
         allowed = CUDA_PRECISIONS
     else:
-        if requested != "auto":
-            choice = requested
-        elif int8_ready and (cpu_has("avx512_vnni") or cpu_has("amx_int8")):
-            choice = "int8"
-        elif torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            choice = "bf16"
-        else:
-            choice = "fp32"
+        choice = requested
+        if requested == "auto":
+            native = native_cpu_precisions() if native is None else native
+            choice = next((p for p in ("int8", "bf16") if verifiable and p in native), "fp32")
         allowed = CPU_PRECISIONS
     if choice not in allowed:
-        raise ValueError(f"precision {choice} is not available on {device.type} (choose from {', '.join(allowed)})")
+        raise EngineError(f"--precision {choice} is not available on {device.type} (choose from {', '.join(allowed)})")
     return choice
 
 
@@ -167,7 +196,7 @@ class InferenceEngine:
     def __init__(self, model: torch.nn.Module, device: str = "auto", precision: str = "auto",
                  max_batch_size: int = 32, calibration: np.ndarray | None = None, compile: bool = True):
         self.device = torch.device(resolve_device(device))
-        self.precision = resolve_precision(precision, self.device, calibration is not None)
+        self.precision = resolve_precision(precision, self.device, verifiable=calibration is not None)
         self.max_batch_size = max_batch_size
         self.compiled = compile
         # Compiled graphs (and CUDA graphs) are specialised to their batch size: batches are padded
@@ -188,7 +217,7 @@ class InferenceEngine:
         model = model.to(self.device).to(memory_format=torch.channels_last)
         if self.precision == "int8":
             if calibration is None:
-                raise ValueError("int8 needs the calibration images shipped with the weights")
+                raise WeightsError("int8 needs the calibration images shipped with the weights")
             from .quantize import quantize_int8
 
             model = quantize_int8(model, calibration, self.max_batch_size)

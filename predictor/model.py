@@ -75,8 +75,9 @@ class Cifar10Classifier(kserve.Model):
         return self.ready
 
     def _calibration_images(self) -> np.ndarray | None:
-        """The int8 calibration set when int8 may be used (asked for, or auto) and it ships; else None."""
-        if self.settings.precision not in ("int8", "auto") or self.settings.random_weights:
+        """The calibration set when a gated precision (int8, bf16) may be used (asked for, or auto) and it
+        ships; else None. It is what int8 is quantized with and what int8 and bf16 are checked against."""
+        if self.settings.precision not in ("int8", "bf16", "auto") or self.settings.random_weights:
             return None
         try:
             return calibration_images(self.settings.model_dir, self.card)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from predictor.engine import (EngineError, InferenceEngine, batch_buckets, check_agreement, choose_engine, cpu_has,
-                              resolve_device, resolve_precision)
+from predictor import engine as engine_module
+from predictor.engine import (EngineError, InferenceEngine, batch_buckets, build_engine, check_agreement, choose_engine,
+                              cpu_has, native_cpu_precisions, resolve_device, resolve_precision)
 from predictor.imaging import decode_image
 from predictor.onnx_engine import OnnxEngine, onnx_int8_path
 from predictor.quantize import calibration_images
@@ -62,19 +63,52 @@ def test_engine_choice():
             choose_engine("onnx", device, precision, ships)
 
 
-def test_auto_torch_precision_is_pinned_by_the_cpu_features():
+# The CPUs the suite must pass on, as the flags `native_cpu_precisions` reads from them: forced here so
+# every branch runs whatever CPU is at hand.
+AVX2_ONLY, AVX512_VNNI, AVX512_BF16, AMX = frozenset(), frozenset({"int8"}), frozenset({"bf16"}), frozenset({"int8", "bf16"})
+
+
+def test_auto_precision_for_every_cpu_kind():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("auto", cuda, int8_ready=True) == "fp16"
-    # What this CPU must get, from its flags alone (not from the rule under test).
-    expected_without = "bf16" if cpu_has("avx512_bf16") or cpu_has("amx_bf16") else "fp32"
-    expected_with_int8 = "int8" if cpu_has("avx512_vnni") or cpu_has("amx_int8") else expected_without
-    assert resolve_precision("auto", cpu, int8_ready=True) == expected_with_int8
-    assert resolve_precision("auto", cpu, int8_ready=False) == expected_without  # int8 needs its calibration set
-    assert resolve_precision("fp32", cpu, int8_ready=True) == "fp32"
-    with pytest.raises(ValueError, match="fp16 is not available on cpu"):
-        resolve_precision("fp16", cpu, int8_ready=True)
-    with pytest.raises(ValueError, match="int8 is not available on cuda"):
-        resolve_precision("int8", cuda, int8_ready=True)
+    assert resolve_precision("auto", cuda, verifiable=True) == "fp16"
+    for native, with_calibration in ((AVX2_ONLY, "fp32"), (AVX512_VNNI, "int8"), (AVX512_BF16, "bf16"), (AMX, "int8")):
+        assert resolve_precision("auto", cpu, verifiable=True, native=native) == with_calibration, native
+        # Without the calibration images nothing can be checked against fp32: auto serves fp32 itself.
+        assert resolve_precision("auto", cpu, verifiable=False, native=native) == "fp32", native
+        assert resolve_precision("fp32", cpu, verifiable=True, native=native) == "fp32"
+        assert resolve_precision("bf16", cpu, verifiable=False, native=native) == "bf16"  # asked for explicitly
+    with pytest.raises(EngineError, match="fp16 is not available on cpu"):
+        resolve_precision("fp16", cpu, verifiable=True)
+    with pytest.raises(EngineError, match="int8 is not available on cuda"):
+        resolve_precision("int8", cuda, verifiable=True)
+
+
+def test_native_precisions_are_read_from_the_cpu():
+    native = native_cpu_precisions()
+    assert ("int8" in native) == (cpu_has("avx512_vnni") or cpu_has("amx_int8"))
+    assert ("bf16" in native) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def build_auto(network, card, precision: str, calibration):
+    return build_engine(network, card, None, engine="torch", device="cpu", precision=precision, max_batch_size=32,
+                        threads=2, compile=False, calibration=calibration)
+
+
+def test_bf16_is_checked_against_fp32_before_it_serves(shipped, monkeypatch, caplog):
+    """On a bf16 CPU (forced here), auto's bf16 passes the same load-time gate as int8; when it fails,
+    auto serves fp32 and an explicit bf16 is refused."""
+    model, card = shipped
+    calibration = calibration_images(PACKAGED_DIR, card)
+    monkeypatch.setattr(engine_module, "native_cpu_precisions", lambda: AVX512_BF16)
+    with caplog.at_level("INFO", logger="predictor"):
+        assert build_auto(model, card, "auto", calibration).precision == "bf16"
+    assert "bf16 engine agrees with the fp32 network" in caplog.text
+    assert build_auto(model, card, "auto", None).precision == "fp32"  # nothing to check it with
+
+    monkeypatch.setattr(engine_module, "MIN_AGREEMENT", 1.01)  # a gate no engine passes
+    assert build_auto(model, card, "auto", calibration).precision == "fp32"
+    with pytest.raises(WeightsError, match="bf16 engine agrees .* refusing to serve it"):
+        build_auto(model, card, "bf16", calibration)
 
 
 def test_compiled_batch_buckets_cover_every_batch_size():
@@ -120,6 +154,8 @@ def test_agreement_check_refuses_an_engine_that_disagrees_with_fp32(shipped):
     assert check_agreement(engine, model, calibration) >= 0.98
 
     class ShiftedClasses:  # the real int8 graph with its outputs off by one class: a broken export
+        precision = "int8"
+
         def logits(self, images):
             return np.roll(engine.logits(images), 1, axis=1)
 

@@ -76,8 +76,8 @@ def test_train_learns_exports_and_evaluates(sample, tmp_path, capsys):
     assert (tmp_path / "eval/confusion_matrix.png").stat().st_size > 1000
 
     # ... and so does evaluating a live server over HTTP.
-    # (no int8 graph or calibration set in this directory: the torch engine serves it, eager like the evaluation above)
-    server = Server("--model_dir", str(tmp_path / "out"), "--compile", "false")
+    # Like with like: fp32 eager on both sides, whatever precision `auto` would pick on this CPU.
+    server = Server("--model_dir", str(tmp_path / "out"), "--compile", "false", "--precision", "fp32")
     try:
         evaluate.main(["--data", str(sample), "--model_dir", str(tmp_path / "out"),
                        "--url", server.url, "--out", str(tmp_path / "eval-http")])
