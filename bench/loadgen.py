@@ -26,7 +26,7 @@ class LoadResult:
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    client_cpu_share: float  # load generator CPU seconds per wall second (1.0 = one full core)
+    client_cpu_share: float  # load generator CPU seconds per wall second (1.0 = one full core; summed over generators)
 
 
 def _cpu_seconds() -> float:
@@ -34,7 +34,17 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float, raw: bool) -> LoadResult:
+@dataclass
+class Samples:
+    """What one load generator saw: latencies (s) of the 200s, the other outcomes, its CPU and wall time."""
+    latencies: list[float]
+    errors: int
+    shed: int
+    cpu_seconds: float
+    wall_seconds: float
+
+
+async def _collect(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float, raw: bool) -> Samples:
     latencies: list[float] = []
     errors = shed = 0
     counter = itertools.count()
@@ -71,18 +81,31 @@ async def _run(url: str, images: list[bytes], concurrency: int, seconds: float, 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - started
         cpu = _cpu_seconds() - cpu_before
-    values = np.array(latencies) * 1000
+    return Samples(latencies, errors, shed, cpu, wall)
+
+
+def summarize(parts: list[Samples], concurrency: int, seconds: float) -> LoadResult:
+    """One result from one or more load generators that ran side by side."""
+    values = np.array([x for part in parts for x in part.latencies]) * 1000
+
+    def percentile(q: float) -> float:
+        return round(float(np.percentile(values, q)), 1) if len(values) else float("nan")
+
     return LoadResult(
-        concurrency=concurrency, seconds=seconds, requests=len(latencies), errors=errors, shed=shed,
-        throughput=round(len(latencies) / seconds, 1),
-        p50_ms=round(float(np.percentile(values, 50)), 1) if len(values) else float("nan"),
-        p95_ms=round(float(np.percentile(values, 95)), 1) if len(values) else float("nan"),
-        p99_ms=round(float(np.percentile(values, 99)), 1) if len(values) else float("nan"),
-        client_cpu_share=round(cpu / wall, 2),
+        concurrency=concurrency, seconds=seconds, requests=len(values), errors=sum(p.errors for p in parts),
+        shed=sum(p.shed for p in parts), throughput=round(len(values) / seconds, 1),
+        p50_ms=percentile(50), p95_ms=percentile(95), p99_ms=percentile(99),
+        client_cpu_share=round(sum(p.cpu_seconds / p.wall_seconds for p in parts), 2),
     )
+
+
+def collect(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float = 2.0,
+            raw: bool = False) -> Samples:
+    """The raw samples of one load generator (for several side by side, in processes of their own)."""
+    return asyncio.run(_collect(url, images, concurrency, seconds, warmup, raw))
 
 
 def run_load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float = 2.0,
              raw: bool = False) -> LoadResult:
     """Multipart `file` uploads, or with `raw` each image as the whole request body."""
-    return asyncio.run(_run(url, images, concurrency, seconds, warmup, raw))
+    return summarize([collect(url, images, concurrency, seconds, warmup, raw)], concurrency, seconds)

@@ -47,12 +47,13 @@ def predictor_command(port: int, *flags: str) -> list[str]:
             "--rate_limit_per_minute", "0", "--cache_ttl_s", "0", *flags]
 
 
-def start(command: list[str], health_url: str, env: dict | None = None) -> tuple[subprocess.Popen, float]:
-    """(process, seconds from exec to /health 200)."""
+def start(command: list[str], health_url: str, env: dict | None = None,
+          deadline_s: float = 900) -> tuple[subprocess.Popen, float]:
+    """(process, seconds from exec to /health 200); torch compilation at load takes minutes on 2 cores."""
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, **(env or {})})
-    deadline = started + 900  # torch compilation at load takes minutes on 2 cores
+    deadline = started + deadline_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(health_url, timeout=2).status_code == 200:
