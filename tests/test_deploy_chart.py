@@ -208,7 +208,7 @@ def test_default_knative_on_a_gpu_node():
     assert predictor["annotations"]["prometheus.io/scrape"] == "true" and predictor["annotations"]["prometheus.io/port"] == "8080"
     assert predictor["annotations"]["serving.kserve.io/enable-prometheus-scraping"] == "false"  # KServe's webhook: hands off
     assert "STORAGE_URI" not in env_of(container)
-    assert env_of(container)["MAX_BATCH_SIZE"] == "32"
+    assert env_of(container)["MAX_BATCH_SIZE"] == "256"  # batching.maxBatchSize auto, on a GPU
     route = one(objects, "VirtualService")["spec"]
     assert route["gateways"] == ["knative-serving/knative-ingress-gateway"]
     http = route["http"][0]
@@ -726,8 +726,11 @@ def test_the_guides_yaml_examples_validate():
 def test_a_gpu_pod_asks_for_cuda_and_a_cpu_pod_for_the_onnx_engine():
     gpu = env_of(predictor_container(render(sets=("gpu.enabled=true",))))
     assert gpu["DEVICE"] == "cuda" and gpu["ENGINE"] == "auto"  # auto on CUDA is torch; no GPU there stops the pod
+    assert gpu["MAX_BATCH_SIZE"] == "256"
     cpu = env_of(predictor_container(render(sets=("gpu.enabled=false",))))
     assert cpu["DEVICE"] == "auto" and cpu["ENGINE"] == "auto" and cpu["INTRA_OP_THREADS"] == "4"  # the 4-CPU limit
+    assert cpu["MAX_BATCH_SIZE"] == "32"
+    assert env_of(predictor_container(render(sets=("batching.maxBatchSize=64",))))["MAX_BATCH_SIZE"] == "64"
     assert env_of(predictor_container(render(sets=("resources.limits.cpu=1500m", "model.workers=2"))))["INTRA_OP_THREADS"] == "1"
     assert env_of(predictor_container(render(sets=("resources.limits=null",))))["INTRA_OP_THREADS"] == "0"
     assert env_of(predictor_container(render(sets=("gpu.enabled=true", "model.device=cpu"))))["DEVICE"] == "cpu"

@@ -227,6 +227,14 @@ use it stops with a clear error instead of quietly serving on the CPU.
 {{- end }}
 
 {{/*
+MAX_BATCH_SIZE: with `auto`, 256 on a GPU (a pass of 256 costs the GPU about twice one of 32, so
+large batches are nearly free there) and 32 on a CPU (where a pass's time grows with its size).
+*/}}
+{{- define "cifar10.maxBatchSize" -}}
+{{- if eq (toString .Values.batching.maxBatchSize) "auto" -}}{{ ternary 256 32 .Values.gpu.enabled }}{{- else -}}{{ .Values.batching.maxBatchSize }}{{- end -}}
+{{- end }}
+
+{{/*
 TRUSTED_PROXY_HOPS: how many proxies in front of the predictor append to X-Forwarded-For (the rate
 limit counts the address the outermost of them saw). With `auto`: 0 without the chart's Istio route
 (the peer address counts, the header is ignored); behind it, Standard mode 1 (the ingress gateway)
