@@ -35,8 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.loadgen import run_load  # noqa: E402
 from predictor.engine import InferenceEngine, usable_cores  # noqa: E402
 from predictor.onnx_engine import OnnxEngine, onnx_int8_path  # noqa: E402
-from predictor.quantize import calibration_images  # noqa: E402
-from predictor.weights import PACKAGED_DIR, load_model  # noqa: E402
+from predictor.weights import PACKAGED_DIR, calibration_images, load_model  # noqa: E402
 
 
 def predictor_command(port: int, *flags: str) -> list[str]:

@@ -23,8 +23,7 @@ from .errors import ApiError
 from .imaging import decode_image
 from .network import CLASSES, IMAGE_SIZE, build_resnet18
 from .protocols import ClassifyRequest, Prepared, Slots, adapter_for
-from .quantize import calibration_images
-from .weights import WeightsError, load_model
+from .weights import WeightsError, calibration_images, load_model
 
 log = logging.getLogger("predictor")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from .quantize import ONNX_INPUT
+from .weights import ONNX_INPUT
 from .weights import WeightsError, sha256_of
 
 log = logging.getLogger("predictor")

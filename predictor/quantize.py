@@ -23,27 +23,11 @@ import torch
 
 from .data import load_image_folder, stratified_split
 from .network import normalize
-from .weights import CARD_FILE, PACKAGED_DIR, WeightsError, sha256_of
+from .weights import CALIBRATION_FILE, CARD_FILE, ONNX_INPUT, PACKAGED_DIR, calibration_images, sha256_of
 
 log = logging.getLogger("predictor")
-CALIBRATION_FILE = "calibration.npy"
 ONNX_INT8_FILE = "resnet18_cifar10.int8.onnx"
 ONNX_OPSET = 17
-ONNX_INPUT = "images"  # [N, 32, 32, 3] uint8, N dynamic
-
-
-def calibration_images(directory: Path, card: dict) -> np.ndarray:
-    """The calibration set shipped with the weights, verified against the card's sha256."""
-    path = Path(directory) / CALIBRATION_FILE
-    expected = card.get("int8_calibration", {}).get("sha256")
-    if not path.is_file() or expected is None:
-        raise WeightsError(f"{path}: no calibration images for int8 (run `python -m predictor.quantize --data DIR`)")
-    if sha256_of(path) != expected:
-        raise WeightsError(f"{path}: sha256 does not match the model card's")
-    images = np.load(path, allow_pickle=False)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
-        raise WeightsError(f"{path}: expected [N, 32, 32, 3] uint8 images, got {images.dtype} {images.shape}")
-    return images
 
 
 def quantize_int8(model: torch.nn.Module, calibration: np.ndarray, max_batch_size: int) -> torch.nn.Module:

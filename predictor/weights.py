@@ -1,9 +1,12 @@
-"""Shipped weights and their model card: saving, and loading with integrity checks."""
+"""Shipped weights and what ships beside them (model card, int8 calibration images, the ONNX graph's
+input name): saving, and loading with integrity checks. Serving reads them; building them is
+`predictor.train` and `predictor.quantize`."""
 
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -12,6 +15,8 @@ from .network import build_resnet18
 
 WEIGHTS_FILE = "resnet18_cifar10.safetensors"
 CARD_FILE = "model_card.json"
+CALIBRATION_FILE = "calibration.npy"
+ONNX_INPUT = "images"  # the int8 ONNX graph's input: [N, 32, 32, 3] uint8, N dynamic
 PACKAGED_DIR = Path(__file__).parent / "weights"
 
 
@@ -69,3 +74,17 @@ def network_from_file(path: Path) -> torch.nn.Module:
         first = " ".join(str(exc).strip().splitlines()[:2])
         raise WeightsError(f"{path}: weights do not fit the ResNet18 CIFAR-10 network ({first})") from None
     return model.eval()
+
+
+def calibration_images(directory: Path, card: dict) -> np.ndarray:
+    """The calibration set shipped with the weights, verified against the card's sha256."""
+    path = Path(directory) / CALIBRATION_FILE
+    expected = card.get("int8_calibration", {}).get("sha256")
+    if not path.is_file() or expected is None:
+        raise WeightsError(f"{path}: no calibration images for int8 (run `python -m predictor.quantize --data DIR`)")
+    if sha256_of(path) != expected:
+        raise WeightsError(f"{path}: sha256 does not match the model card's")
+    images = np.load(path, allow_pickle=False)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise WeightsError(f"{path}: expected [N, 32, 32, 3] uint8 images, got {images.dtype} {images.shape}")
+    return images

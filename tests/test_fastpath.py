@@ -18,8 +18,7 @@ from predictor.engine import (EngineError, InferenceEngine, batch_buckets, build
                               cpu_has, native_cpu_precisions, resolve_device, resolve_precision)
 from predictor.imaging import decode_image
 from predictor.onnx_engine import OnnxEngine, onnx_int8_path
-from predictor.quantize import calibration_images
-from predictor.weights import PACKAGED_DIR, WeightsError, load_model
+from predictor.weights import PACKAGED_DIR, WeightsError, calibration_images, load_model
 
 from .conftest import MODEL_NAME, ROOT, Server
 

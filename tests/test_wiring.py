@@ -58,3 +58,18 @@ def test_the_error_format_is_installed_with_the_routes(two_apps):
     assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_media_type"
     missing = call(two_apps["open"], "POST", "/classify/image")
     assert missing.status_code == 422 and missing.json()["error"]["code"] == "invalid_request"
+
+
+def test_serving_imports_no_build_time_code():
+    """The server loads the shipped weights and serves without training, data-loading or quantization
+    code (those are `make` targets on a workstation, not part of a request's path)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from fastapi import FastAPI; from predictor.__main__ import main; from predictor.app import install; "
+              "from predictor.config import Settings, default_model_dir; from predictor.model import Cifar10Classifier; "
+              "model = Cifar10Classifier('m', Settings(model_dir=default_model_dir())); model.load(); install(FastAPI(), model); "
+              "print(' '.join(sorted(m for m in sys.modules if m.startswith('predictor'))))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    assert "predictor.model" in loaded and "predictor.onnx_engine" in loaded, loaded
+    assert not {"predictor.train", "predictor.data", "predictor.quantize", "predictor.evaluate"} & set(loaded), loaded
