@@ -1,8 +1,10 @@
 """`python -m predictor`: KServe's ModelServer serving the CIFAR-10 classifier on port 8080."""
 
 import argparse
+import atexit
 import logging
 import os
+import shutil
 import sys
 import tempfile
 
@@ -17,11 +19,12 @@ def _docs_on_by_default() -> None:
 def _metrics_across_workers() -> None:
     # With several worker processes, prometheus_client must count in shared files, and it picks its
     # storage when first imported (kserve imports it): so decide before importing kserve. Workers
-    # are spawned with this environment.
+    # are spawned with this environment; the directory made here goes when the server process ends.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--workers", type=int, default=1)
     if pre.parse_known_args()[0].workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="predictor-metrics-")
+        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 _docs_on_by_default()

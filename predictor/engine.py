@@ -107,8 +107,7 @@ def build_engine(network: torch.nn.Module, card: dict, model_dir: Path | None, *
     if chosen == "onnx":
         runner = OnnxEngine(onnx_int8_path(model_dir, card), max_batch_size, threads)
     else:
-        torch.set_num_threads(threads)
-        runner = InferenceEngine(network, device, precision, max_batch_size, calibration, compile)
+        runner = InferenceEngine(network, device, precision, max_batch_size, calibration, compile, threads)
     if runner.device_type != "cpu" or runner.precision not in GATED_CPU_PRECISIONS:
         return runner
     if calibration is None:
@@ -122,7 +121,7 @@ def build_engine(network: torch.nn.Module, card: dict, model_dir: Path | None, *
         if precision != "auto" or runner.precision == "int8":
             raise
         log.warning("%s; serving fp32 instead", exc)
-        runner = InferenceEngine(network, device, "fp32", max_batch_size, calibration, compile)
+        runner = InferenceEngine(network, device, "fp32", max_batch_size, calibration, compile, threads)
     return runner
 
 
@@ -194,7 +193,13 @@ class InferenceEngine:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, device: str = "auto", precision: str = "auto",
-                 max_batch_size: int = 32, calibration: np.ndarray | None = None, compile: bool = True):
+                 max_batch_size: int = 32, calibration: np.ndarray | None = None, compile: bool = True,
+                 threads: int | None = None):
+        # Set here rather than by the caller: a worker process that unpickles the engine runs this
+        # again, and torch's thread count is per process.
+        self.threads = threads
+        if threads:
+            torch.set_num_threads(threads)
         self.device = torch.device(resolve_device(device))
         self.precision = resolve_precision(precision, self.device, verifiable=calibration is not None)
         self.max_batch_size = max_batch_size
@@ -252,6 +257,10 @@ class InferenceEngine:
     def device_type(self) -> str:
         return self.device.type
 
+    def intra_op_threads(self) -> int:
+        """Threads of one forward pass in this process (torch's count is per process)."""
+        return torch.get_num_threads()
+
     @property
     def description(self) -> str:
         return f"{self.device.type} {self.precision} torch{' compiled' if self.compiled else ''}"
@@ -287,7 +296,7 @@ class InferenceEngine:
         # locks don't pickle, so the worker rebuilds (and recompiles) from the fp32 network.
         return {key: self._sources[key] for key in ("model", "calibration")} | {
             "device": str(self.device), "precision": self.precision, "max_batch_size": self.max_batch_size,
-            "compile": self.compiled}
+            "compile": self.compiled, "threads": self.threads}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

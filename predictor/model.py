@@ -165,5 +165,6 @@ class Cifar10Classifier(kserve.Model):
                 "precision": runner.precision if runner else None,
                 "compiled": runner.compiled if runner else None,
                 "load_seconds": runner.startup_seconds if runner else None,
+                "intra_op_threads": runner.intra_op_threads() if runner else None,
                 "temperature": self.temperature, "max_batch_size": self.settings.max_batch_size}
 

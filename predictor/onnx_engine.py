@@ -57,6 +57,9 @@ class OnnxEngine:
         self.logits(np.zeros((max_batch_size, 32, 32, 3), np.uint8))  # first-run allocations, before ready
         self.startup_seconds = round(time.perf_counter() - started, 1)
 
+    def intra_op_threads(self) -> int:
+        return self.threads
+
     @property
     def description(self) -> str:
         return f"cpu int8 onnxruntime {onnxruntime.__version__} ({self.threads} intra-op thread(s))"

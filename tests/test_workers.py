@@ -4,6 +4,8 @@
 import base64
 import concurrent.futures
 import re
+import tempfile
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -79,3 +81,20 @@ def test_metrics_count_every_worker(two_workers, cifar_jpegs):
     # So one worker's count alone is short; every scrape, whichever worker answers it, has them all.
     for _ in range(6):
         assert scraped_total(two_workers.url, "classify_image") - before == sent
+
+
+def test_torch_workers_keep_their_thread_count_and_leave_no_metrics_files():
+    """--intra_op_threads reaches every spawned worker (torch's thread count is per process), and the
+    metrics directory the server made for its workers is gone once it stops."""
+    made_before = set(Path(tempfile.gettempdir()).glob("predictor-metrics-*"))
+    server = Server("--workers", "2", "--engine", "torch", "--precision", "fp32", "--compile", "false",
+                    "--intra_op_threads", "1", "--rate_limit_per_minute", "0", timeout=300)
+    try:
+        assert set(Path(tempfile.gettempdir()).glob("predictor-metrics-*")) - made_before, "no metrics directory made"
+        # A new connection per call: the kernel spreads them over both workers.
+        answers = [httpx.get(f"{server.url}/v2/models/{MODEL_NAME}", headers={"Connection": "close"}, timeout=30).json()
+                   for _ in range(12)]
+        assert {a["parameters"]["intra_op_threads"] for a in answers} == {1}, answers
+    finally:
+        server.stop()
+    assert set(Path(tempfile.gettempdir()).glob("predictor-metrics-*")) <= made_before
