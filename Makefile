@@ -1,4 +1,4 @@
-# The two commands the README gives: `make run` and `make test`.
+# The two commands the README gives: `make run` and `make test` (`make test-fast`: the quick subset).
 # The container image (image.mk): `make image`, `make run-image PORT=P`, `make test-image`.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ PORT ?= 8080
 DATA ?= ../shared/data/cifar10-train-jpeg.tar.gz
 DATA_DIR ?= .cache/cifar10
 
-.PHONY: install run test browser redis-server train train-gpu evaluate data bench soak
+.PHONY: install run test test-fast browser redis-server train train-gpu evaluate data bench soak
 
 include deploy.mk
 include image.mk
@@ -27,6 +27,11 @@ run: install
 
 test: install deploy-tools browser redis-server
 	$(PY) -m pytest -q
+
+# The edit-run loop: unit and in-process tests only (tests/conftest.py says what is slow); `make test`
+# stays the whole truth.
+test-fast: install deploy-tools
+	$(PY) -m pytest -q -m "not slow"
 
 # The jobs and cache tests start Debian's redis-server on a free port (tests/redis_server.py).
 redis-server:

@@ -41,3 +41,4 @@ test-image: install deploy-tools image-setup
 	@$(IMAGE_SH) exists $(IMAGE) || rm -f $(IMAGE_STAMP)
 	$(MAKE) --no-print-directory $(IMAGE_STAMP) IMAGE=$(IMAGE)
 	PREDICTOR_IMAGE=$(IMAGE) $(PY) -m pytest -q -m image tests/test_image.py
+	@echo "what the image costs (size, start to ready; written by the tests):" && cat .cache/image/report.json

@@ -135,15 +135,34 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+# -- tiers -----------------------------------------------------------------------------------------
+# `make test` runs every test but the image suite: the whole truth. `make test-fast` (-m "not slow")
+# is the edit-run loop: unit and in-process tests only. Slow: a module whose tests start real server
+# processes, Redis, a browser or training; a test that uses a real process's fixture or the 2,000
+# held-out images; checkov; and tests marked `slow` by hand (compilation, subprocess starts).
+SLOW_MODULES = {"test_api", "test_cache", "test_explain", "test_hardening", "test_hostile", "test_jobs", "test_training",
+                "test_ui", "test_workers", "test_deploy_runtime"}
+SLOW_FIXTURES = {"server", "strict_server", "predictor", "prometheus", "two_workers", "holdout"}
+
+
+def is_slow(item) -> bool:
+    return (item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or bool(SLOW_FIXTURES & set(item.fixturenames))
+            or "checkov" in item.name or item.get_closest_marker("slow") is not None)
+
+
 # -- the image suite -------------------------------------------------------------------------------
 # Tests marked `image` run the built container image (tests/test_image.py, `make test-image`). They
 # are deselected unless the -m expression names them, so `make test` / plain `pytest` never need an
 # image, podman or root.
 def pytest_configure(config):
     config.addinivalue_line("markers", "image: runs the built container image (make test-image; selected by -m image)")
+    config.addinivalue_line("markers", "slow: real processes, compilation or the held-out set (deselected by make test-fast)")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if is_slow(item):
+            item.add_marker(pytest.mark.slow)
     if "image" in (config.getoption("markexpr") or ""):
         return
     deselected = [item for item in items if item.get_closest_marker("image")]

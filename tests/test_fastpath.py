@@ -93,6 +93,7 @@ def build_auto(network, card, precision: str, calibration):
                         threads=2, compile=False, calibration=calibration)
 
 
+@pytest.mark.slow
 def test_bf16_is_checked_against_fp32_before_it_serves(shipped, monkeypatch, caplog):
     """On a bf16 CPU (forced here), auto's bf16 passes the same load-time gate as int8; when it fails,
     auto serves fp32 and an explicit bf16 is refused."""
@@ -189,6 +190,7 @@ def test_out_of_memory_batch_is_retried_as_smaller_batches(test_images):
     np.testing.assert_allclose(logits, one_by_one, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_torch_compiled_precisions_match_fp32_on_held_out_images(shipped, held_out, fp32_logits, precision):
     model, card = shipped
@@ -204,6 +206,7 @@ def test_torch_compiled_precisions_match_fp32_on_held_out_images(shipped, held_o
     assert np.abs(softmax(logits) - softmax(fp32_logits[:500])).mean() < 0.01, precision
 
 
+@pytest.mark.slow
 def test_cuda_without_a_usable_gpu_stops_with_one_clear_line():
     if torch.cuda.is_available():
         assert resolve_device("cuda") == "cuda"
@@ -218,6 +221,7 @@ def test_cuda_without_a_usable_gpu_stops_with_one_clear_line():
     assert "Uvicorn running" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_compile_without_a_compiler_stops_with_one_clear_line(tmp_path):
     # A PATH with no C++ compiler on it, as in an image without one.
     bin_dir = tmp_path / "bin"
@@ -229,6 +233,7 @@ def test_compile_without_a_compiler_stops_with_one_clear_line(tmp_path):
     assert "cannot serve: --compile true needs a C++ compiler" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_default_server_serves_onnx_int8_without_compiling(holdout):
     server = Server("--rate_limit_per_minute", "0")
     eager = Server("--engine", "torch", "--precision", "fp32", "--compile", "false", "--rate_limit_per_minute", "0")

@@ -14,7 +14,7 @@ come from the image's venv, not a source tree; the torch fallback (torch.compile
 compiler) loads and serves for that user; SIGTERM during load answers every admitted request and exits 0 (PID 1 is tini, which
 passes the signal on); `make run-image` runs the same container in the foreground and passes SIGTERM
 on; the chart's default pod (gpu.enabled: DEVICE=cuda) stops with one clear line where it sees no GPU. The image's size and the container's start-to-ready times (cold: page cache dropped first, when
-this user may; warm: right after) are printed at the end and written to .cache/image/report.json.
+this user may; warm: right after) are written to .cache/image/report.json, which `make test-image` prints at the end.
 
 Deselected from `make test` (marker `image`, see conftest.py); needs root, podman and the image.
 """
@@ -386,16 +386,3 @@ def test_the_default_gpu_pod_stops_with_one_clear_line_without_a_gpu(tmp_path):
     errors = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
     assert exit_code != 0, log
     assert len(errors) == 1 and "cannot serve: --device cuda:" in errors[0], log
-
-
-def test_report_image_size_and_start_times(capsys):
-    """Prints what the image costs (size, start-to-ready cold and warm); also in .cache/image/report.json."""
-    size = REPORT["size_bytes"]
-    lines = [f"image {IMAGE}: {size / 1e9:.2f} GB ({size} bytes, uncompressed, podman image inspect)"]
-    for key in ("cold_start_to_ready_s", "warm_start_to_ready_s", "torch_compile_start_to_ready_s"):
-        if key in REPORT:
-            lines.append(f"{key.replace('_', ' ')}: {REPORT[key]} s")
-    if "cold_means" in REPORT:
-        lines.append(f"cold = {REPORT['cold_means']}; warm = the next start, right after")
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))

@@ -91,6 +91,7 @@ def test_weights_of_another_network_refused(model_dir):
         load_model(model_dir)
 
 
+@pytest.mark.slow
 def test_server_exits_with_one_clear_line_on_bad_weights(model_dir):
     data = bytearray((model_dir / WEIGHTS_FILE).read_bytes())
     data[-100] ^= 0xFF
