@@ -143,16 +143,27 @@ def test_failed_forward_fails_only_its_batch_and_the_batcher_recovers():
 def test_abandoned_request_is_not_computed_and_does_not_break_others():
     """A caller that gives up while its request waits in the queue (deadline, disconnect): its images are
     dropped, never computed, and the callers around it get their own rows."""
-    forward = StubForward(delay=0.3)
+    in_pass, release = threading.Event(), threading.Event()
+
+    def held_forward(images: np.ndarray) -> np.ndarray:
+        in_pass.set()
+        release.wait(10)  # the first pass lasts until the test has queued and abandoned the others
+        return forward(images)
+
+    forward = StubForward()
     batcher, drain = wired(forward, max_batch_size=4, max_delay_ms=1)
+    batcher.forward = held_forward
 
     async def main():
         busy = asyncio.ensure_future(call(batcher, drain, image(1)))
-        await asyncio.sleep(0.1)  # image 1 is in the forward pass now; what comes next waits in the queue
+        await asyncio.to_thread(in_pass.wait, 10)  # image 1 is in the forward pass: what comes next waits
         abandoned = asyncio.ensure_future(call(batcher, drain, image(3)))
         others = [asyncio.ensure_future(call(batcher, drain, image(i))) for i in (10, 11)]
-        await asyncio.sleep(0.05)
+        while batcher._queued_images < 3:  # all three queued behind the pass
+            await asyncio.sleep(0)
         abandoned.cancel()
+        await asyncio.sleep(0)
+        release.set()
         return await asyncio.gather(busy, *others), abandoned
 
     results, abandoned = asyncio.run(main())
