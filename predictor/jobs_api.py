@@ -85,8 +85,9 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
     router = APIRouter(tags=["jobs"], lifespan=lifespan)
 
     def owner(request: Request) -> str | None:
-        if request.state.api_key_id is not None or not owner_header:  # the guard authenticated the key
-            return request.state.api_key_id
+        key = getattr(request.state, "api_key_id", None)  # the guard authenticated the key
+        if key is not None or not owner_header:
+            return key
         subject = request.headers.get(owner_header)
         if not subject:
             raise ApiError(401, "unauthorized", "Jobs need an authenticated caller: send a valid token.",
