@@ -108,8 +108,9 @@ class RequestGuard:
             else:
                 await self._admitted(scope, receive, send_and_record, status, settings, body_limit)
         finally:
-            metrics.REQUESTS.labels(endpoint, "success" if status["code"] < 400 else "error", str(status["code"])).inc()
-            metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+            if endpoint != JOB_READ_ENDPOINT:  # api_* (and the error-ratio alert on them) are prediction calls
+                metrics.REQUESTS.labels(endpoint, "success" if status["code"] < 400 else "error", str(status["code"])).inc()
+                metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
 
     async def _other(self, scope, receive, send, limit: int) -> None:
         """Any other route (probes, metadata, metrics, docs): only the body limit applies."""
