@@ -20,6 +20,7 @@ import orjson
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .errors import ApiError
 from .jobs import JOBS, TERMINAL, Job, JobStore, JobWorker, StoreUnavailable
@@ -111,6 +112,8 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
             if str(exc.detail).startswith("Too many fields"):
                 raise ApiError(413, "too_many_fields", "Too many form fields: send the images as `files` only.") from None
             raise ApiError(400, "invalid_request", f"The multipart body cannot be parsed: {exc.detail}") from None
+        except ClientDisconnect:
+            raise ApiError(400, "invalid_request", "The request body ended before it was complete.") from None
         try:
             files = form.getlist("files")
             if not files or not all(isinstance(f, UploadFile) for f in files):
