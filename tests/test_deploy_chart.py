@@ -570,6 +570,16 @@ def test_kserve_and_knative_admission_rules(values_file):
 
 
 # -- NOTES.txt --------------------------------------------------------------------------------------
+def test_notes_warn_when_in_cluster_callers_can_pick_their_rate_limit_bucket():
+    """Trusted proxy hops, no API keys and no NetworkPolicy: a pod past the gateway writes its own
+    X-Forwarded-For. The notes say so, and stop saying so once either is on."""
+    warning = "picks its own bucket"
+    assert warning in render_notes(CHART / "ci" / "standard-values.yaml")
+    assert warning not in render_notes(CHART / "ci" / "standard-values.yaml", sets=("networkPolicy.enabled=true",))
+    assert warning not in render_notes(CHART / "ci" / "standard-values.yaml", sets=("auth.apiKeys.existingSecret=keys",))
+    assert warning not in render_notes(sets=("rateLimit.trustedProxyHops=0",))
+
+
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
 def test_notes_print_a_curl_command_for_the_route(values_file):
     notes = render_notes(values_file)
