@@ -30,13 +30,18 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     settings, drain = model.settings, model.drain
     # A canary with other weights has another version, so it never reads the stable model's entries.
     cached = build_cache(settings.redis_url, settings.cache_ttl_s, f"{model.version}:{model.runner.precision}",
-                         model.classify, lambda r: metrics.record_prediction(r["predicted_class"], r["confidence"], model.version))
+                         model.classify, lambda r: metrics.record_prediction(r["predicted_class"], r["confidence"], model.version),
+                         per_key=not settings.cache_shared_across_keys)
     app.include_router(build_router(model, cached))
     app.include_router(build_explain_router(model))
     app.include_router(build_ui_router(model))
+    # `/classify/image/` would otherwise be redirected (307) to an absolute URL built from the
+    # request's Host header, which the client chose.
+    app.router.redirect_slashes = False
     install_error_handlers(app)
     limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute > 0 else None
-    app.add_middleware(RequestGuard, settings=settings, drain=drain, limiter=limiter)
+    read_limiter = RateLimiter(settings.job_reads_per_minute) if settings.job_reads_per_minute > 0 else None
+    app.add_middleware(RequestGuard, settings=settings, drain=drain, limiter=limiter, read_limiter=read_limiter)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -51,11 +56,10 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
 
     app.router.lifespan_context = lifespan
 
-    async def classify_job(files: list, top_k: int | None) -> list:
-        results, _ = await cached(files, top_k, background=True)
+    async def classify_job(files: list, top_k: int | None, owner: str | None) -> list:
+        results, _ = await cached(files, top_k, owner, background=True)
         return results
 
     # Included after the lifespan is set, so its own (the job worker's start and stop) merges into it.
-    app.include_router(build_jobs(settings.redis_url, settings.job_ttl_s, settings.job_visibility_timeout_s, classify_job,
-                                  settings.api_keys, limiter, settings.max_job_files, settings.max_job_bytes,
-                                  settings.job_chunk_size))
+    app.include_router(build_jobs(settings, classify_job, limiter, model.name, model.version,
+                                  f"{model.version}:{model.runner.precision}"))

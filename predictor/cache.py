@@ -1,7 +1,9 @@
 """The result cache: the same image (same bytes) classified by the same model is answered from memory.
 
 Key: sha256 of the file's bytes + the model's version (its weights' sha256 prefix) + precision +
-top_k, so a canary serving other weights never reads the stable model's entries. Value: the
+top_k, so a canary serving other weights never reads the stable model's entries; with API keys on,
+also the caller's key id, so one key cannot learn (from `X-Cache: hit` or the timing) which images
+another key sent (`--cache_shared_across_keys` shares entries between keys instead). Value: the
 classification without a timestamp. An in-process LRU sits in front of Redis (shared by every
 replica); Redis failing never fails a call: the cache then serves from the LRU alone, counts each
 Redis failure and logs once per outage, and does not try Redis again for `retry_after_s`.
@@ -40,8 +42,9 @@ class ResultCache:
         self._local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # key -> (expires, value)
         self._redis_down_until: float | None = None  # set while Redis is considered down
 
-    def key(self, data: bytes, top_k: int | None) -> str:
-        return f"cache:{self.namespace}:{top_k or 0}:{hashlib.sha256(data).hexdigest()}"
+    def key(self, data: bytes, top_k: int | None, tenant: str | None = None) -> str:
+        scope = self.namespace if tenant is None else f"{self.namespace}:key={tenant}"
+        return f"cache:{scope}:{top_k or 0}:{hashlib.sha256(data).hexdigest()}"
 
     async def get_many(self, keys: list[str]) -> list[dict | None]:
         """The cached result for each key, or None; counts hits and misses."""
@@ -126,17 +129,22 @@ class CachedClassifier:
     """The classification core behind the cache: only the files not cached are classified; their
     results (never errors) are cached. Returns the results and whether every one was a cache hit.
     Without a cache (`--cache_ttl_s 0`) every call is a miss. `on_hit` sees each result served from the
-    cache (answers served count in the prediction metrics whether computed or not)."""
+    cache (answers served count in the prediction metrics whether computed or not). `tenant` (the
+    caller's API key id; None without keys) scopes the entries a call reads and writes, unless
+    `per_key` is off."""
 
-    def __init__(self, cache: ResultCache | None, classify: Classify, on_hit: Callable[[dict], None] | None = None):
+    def __init__(self, cache: ResultCache | None, classify: Classify, on_hit: Callable[[dict], None] | None = None,
+                 per_key: bool = True):
         self.cache = cache
         self.classify = classify
         self.on_hit = on_hit
+        self.per_key = per_key
 
-    async def __call__(self, files: list, top_k: int | None, **options) -> tuple[list, bool]:
+    async def __call__(self, files: list, top_k: int | None, tenant: str | None = None, **options) -> tuple[list, bool]:
         if self.cache is None:
             return await self.classify(files, top_k, **options), False
-        keys = [self.cache.key(f, top_k) if isinstance(f, bytes) and f else None for f in files]
+        tenant = tenant if self.per_key else None
+        keys = [self.cache.key(f, top_k, tenant) if isinstance(f, bytes) and f else None for f in files]
         cached = await self.cache.get_many([k for k in keys if k is not None])
         found = iter(cached)
         results = [next(found) if k is not None else None for k in keys]

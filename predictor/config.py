@@ -45,7 +45,12 @@ class Settings:
     job_ttl_s: int = 86_400
     job_chunk_size: int = 256
     job_visibility_timeout_s: float = 60.0
+    job_owner_header: str | None = None  # without API keys: the header naming a job's owner (set by the mesh)
+    job_reads_per_minute: int = 600  # GET/DELETE /classify/jobs/{id} per caller, apart from the prediction budget
+    max_job_queued_bytes: int = 512 * 1024 * 1024  # job bytes one replica holds (uploads, in-process inputs)
+    max_job_queued_bytes_per_key: int = 256 * 1024 * 1024
     cache_ttl_s: int = 3600  # 0: no result cache
+    cache_shared_across_keys: bool = False  # with API keys on, entries are per key unless this is set
 
 
 def _env(name: str, default, cast=str):
@@ -130,9 +135,25 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
              "another replica redoes [env JOB_CHUNK_SIZE]")
     add("--job_visibility_timeout_s", type=float, default=_env("JOB_VISIBILITY_TIMEOUT_S", 60.0, float),
         help="a chunk whose replica has not signalled for this long is taken over by another [env JOB_VISIBILITY_TIMEOUT_S]")
+    add("--job_owner_header", default=_env("JOB_OWNER_HEADER", None),
+        help="without API keys, the request header whose value owns a job (only its owner reads or cancels it; "
+             "none: 401). Only for a header the mesh sets from a verified token, such as Istio's outputClaimToHeaders "
+             "with the JWT subject; a client could write it otherwise [env JOB_OWNER_HEADER]")
+    add("--job_reads_per_minute", type=int, default=_env("JOB_READS_PER_MINUTE", 600, int),
+        help="job status reads and cancellations per minute per API key (per client address without keys), per "
+             "replica, counted apart from --rate_limit_per_minute; 0 turns it off [env JOB_READS_PER_MINUTE]")
+    add("--max_job_queued_bytes", type=int, default=_env("MAX_JOB_QUEUED_BYTES", 512 * 1024 * 1024, int),
+        help="job bytes one replica may hold: uploads being received (spooled to /tmp) plus, without Redis, the "
+             "inputs of queued jobs; beyond it a job gets 503 + Retry-After [env MAX_JOB_QUEUED_BYTES]")
+    add("--max_job_queued_bytes_per_key", type=int, default=_env("MAX_JOB_QUEUED_BYTES_PER_KEY", 256 * 1024 * 1024, int),
+        help="the same, per API key (per client address without keys); a job larger than it gets 413 "
+             "[env MAX_JOB_QUEUED_BYTES_PER_KEY]")
     add("--cache_ttl_s", type=int, default=_env("CACHE_TTL_S", 3600, int),
         help="how long a classification result stays cached (same image bytes, model version, precision, top_k); "
              "0 turns the cache off [env CACHE_TTL_S]")
+    add("--cache_shared_across_keys", type=_boolean, default=_env("CACHE_SHARED_ACROSS_KEYS", False, _boolean),
+        help="with API keys on, let every key read the cache entries of every other (a hit, or its speed, tells a "
+             "key that another sent those exact bytes); false: entries are per key [env CACHE_SHARED_ACROSS_KEYS]")
     return parser
 
 
@@ -162,7 +183,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                           ("drain_timeout_s", 0), ("rate_limit_per_minute", 0), ("intra_op_threads", 0),
                           ("trusted_proxy_hops", 0), ("max_explain_in_flight", 1), ("max_job_files", 1),
                           ("max_job_bytes", 1), ("job_ttl_s", 1), ("job_chunk_size", 1),
-                          ("job_visibility_timeout_s", 0.1), ("cache_ttl_s", 0)):
+                          ("job_visibility_timeout_s", 0.1), ("cache_ttl_s", 0), ("job_reads_per_minute", 0),
+                          ("max_job_queued_bytes", 1), ("max_job_queued_bytes_per_key", 1)):
         if getattr(args, name) < minimum:
             raise SystemExit(f"--{name} must be >= {minimum}")
     if os.environ.get("TRUST_FORWARDED_FOR"):
@@ -181,4 +203,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         redis_url=args.redis_url, max_job_files=args.max_job_files, max_job_bytes=args.max_job_bytes,
         job_ttl_s=args.job_ttl_s, job_chunk_size=args.job_chunk_size,
         job_visibility_timeout_s=args.job_visibility_timeout_s, cache_ttl_s=args.cache_ttl_s,
+        cache_shared_across_keys=args.cache_shared_across_keys, job_reads_per_minute=args.job_reads_per_minute,
+        job_owner_header=args.job_owner_header or None,
+        max_job_queued_bytes=args.max_job_queued_bytes, max_job_queued_bytes_per_key=args.max_job_queued_bytes_per_key,
     )

@@ -116,7 +116,8 @@ def parse_target(value: str | None) -> int | None:
     text = value.strip()
     if text.lower() in CLASSES:
         return CLASSES.index(text.lower())
-    if text.isdigit() and int(text) < len(CLASSES):
+    # isascii: str.isdigit also accepts superscripts and other digits int() refuses ('²').
+    if text.isascii() and text.isdigit() and int(text) < len(CLASSES):
         return int(text)
     raise ApiError(400, "invalid_target_class",
                    f"target_class {value!r} is not a class: use a name ({', '.join(CLASSES)}) or an index 0..{len(CLASSES) - 1}.")

@@ -7,7 +7,8 @@ saturated (503) -> refuse a declared oversized body (413) -> count it in flight 
 request deadline (504), its body read (and, streamed, cut off at the limit: 413) inside that deadline
 -> record api_* metrics. Admitted calls carry `request.state.caller` (the identity the rate limit
 counted) and `request.state.api_key_id` (a digest of the presented key; None without keys), so
-routes can tie what they create to its owner.
+routes can tie what they create to its owner. Reading or cancelling a job passes the same gates,
+with a rate limit of its own (polling must not eat the caller's prediction budget, nor escape one).
 """
 
 import asyncio
@@ -33,13 +34,20 @@ _PREDICTION_PATHS = (
 )
 
 
+# A job's status and results page, or its cancellation: guarded like a call, with the read budget.
+_JOB_PATH = re.compile(r"^/classify/jobs/[^/]+$")
+JOB_READ_ENDPOINT = "job_status"
+
+
 # Readiness answers 503 while draining, so Kubernetes stops routing here.
 _READINESS_PATH = re.compile(r"^/health$|^/v2/health/ready$|^/v2/models/[^/]+(?:/versions/[^/]+)?/ready$|^/v1/models/[^/:]+$")
 
 
 def prediction_endpoint(method: str, path: str) -> str | None:
-    """The endpoint label of a prediction call, or None for every other request (a job's status
-    or cancellation is not a prediction call)."""
+    """The endpoint label of a guarded call (a prediction, or a job's status or cancellation), or
+    None for every other request."""
+    if method in ("GET", "DELETE") and _JOB_PATH.match(path):
+        return JOB_READ_ENDPOINT
     if method != "POST":
         return None
     for pattern, label in _PREDICTION_PATHS:
@@ -55,11 +63,13 @@ class RequestGuard:
     in-flight count, which this guard keeps.
     """
 
-    def __init__(self, asgi_app, settings: Settings, drain: Drain, limiter: RateLimiter | None):
+    def __init__(self, asgi_app, settings: Settings, drain: Drain, limiter: RateLimiter | None,
+                 read_limiter: RateLimiter | None = None):
         self.app = asgi_app
         self.settings = settings
         self.drain = drain
         self.limiter = limiter
+        self.read_limiter = read_limiter  # job reads (JOB_READ_ENDPOINT)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -89,7 +99,8 @@ class RequestGuard:
             await send(message)
 
         try:
-            refusal = self._refusal(scope, settings, extra_headers)
+            refusal = self._refusal(scope, settings, extra_headers,
+                                    self.read_limiter if endpoint == JOB_READ_ENDPOINT else self.limiter)
             if refusal is None:
                 refusal = self._declared_too_large(scope, body_limit)
             if refusal is not None:
@@ -97,8 +108,9 @@ class RequestGuard:
             else:
                 await self._admitted(scope, receive, send_and_record, status, settings, body_limit)
         finally:
-            metrics.REQUESTS.labels(endpoint, "success" if status["code"] < 400 else "error", str(status["code"])).inc()
-            metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+            if endpoint != JOB_READ_ENDPOINT:  # api_* (and the error-ratio alert on them) are prediction calls
+                metrics.REQUESTS.labels(endpoint, "success" if status["code"] < 400 else "error", str(status["code"])).inc()
+                metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
 
     async def _other(self, scope, receive, send, limit: int) -> None:
         """Any other route (probes, metadata, metrics, docs): only the body limit applies."""
@@ -144,7 +156,7 @@ class RequestGuard:
         finally:
             self.drain.in_flight -= 1
 
-    def _refusal(self, scope, settings, extra_headers: list) -> object | None:
+    def _refusal(self, scope, settings, extra_headers: list, limiter: RateLimiter | None) -> object | None:
         """A response for a call that must not proceed (draining, no key, over its rate, replica saturated), else None."""
         if self.drain.draining:
             return error_response(503, "shutting_down", "This replica is shutting down; retry on another.",
@@ -158,8 +170,8 @@ class RequestGuard:
         key = key if settings.api_keys.enabled else None
         identity = caller_identity(scope, key, settings.trusted_proxy_hops)
         scope.setdefault("state", {}).update(caller=identity, api_key_id=key_id(key) if key is not None else None)
-        if self.limiter is not None:
-            decision = self.limiter.check(identity)
+        if limiter is not None:
+            decision = limiter.check(identity)
             extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
                                  if k != "Retry-After")
             if not decision.allowed:

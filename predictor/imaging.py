@@ -5,6 +5,7 @@ format by magic bytes (415), empty/corrupt/truncated data (400), oversized dimen
 """
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -17,6 +18,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEFAULT_MAX_PIXELS_PER_SIDE = 4096
 _WHITE = (255, 255, 255)
+# PIL names the buffer it read from ('cannot identify image file <_io.BytesIO object at 0x7f...>'):
+# a memory address is no business of the client's.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def sniff_format(data: bytes) -> str:
@@ -60,7 +64,8 @@ def decode_image(data: bytes, max_side: int = DEFAULT_MAX_PIXELS_PER_SIDE) -> np
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ApiError(413, "image_too_large", f"Image refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # PIL raises many types for corrupt data; all mean "bad image".
-        raise ApiError(400, "invalid_image", f"The {expected} data is corrupt or truncated: {exc}") from None
+        reason = _OBJECT_REPR.sub("", str(exc)).strip()
+        raise ApiError(400, "invalid_image", f"The {expected} data is corrupt or truncated: {reason}") from None
     return np.asarray(_square_resize(image), dtype=np.uint8)
 
 

@@ -32,8 +32,9 @@ JOB_OLDEST_QUEUED_AGE = Gauge("predictor_job_oldest_queued_age_seconds",
                               "Age of the oldest job still waiting for its first chunk to start, all replicas",
                               multiprocess_mode="max")
 
-# What a worker calls: files (or the error reading one) and top_k -> one result or ApiError per file.
-Classify = Callable[[list[bytes | ApiError], int | None], Awaitable[list[dict | ApiError]]]
+# What a worker calls: files (or the error reading one), top_k and the job's owner (whose cache
+# entries it may read) -> one result or ApiError per file.
+Classify = Callable[[list[bytes | ApiError], int | None, str | None], Awaitable[list[dict | ApiError]]]
 
 
 class StoreUnavailable(Exception):
@@ -53,6 +54,7 @@ class Job:
     finished_at: str | None = None
     top_k: int | None = None
     error: str | None = None
+    model_version: str | None = None  # the version of the model whose replicas compute it
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Chunk:
     entry_id: str = ""  # the store's handle (a Redis Stream entry id)
     top_k: int | None = None
     deliveries: int = 1
+    owner: str | None = None
 
 
 @dataclass
@@ -77,14 +80,19 @@ class QueueStats:
 class JobStore(Protocol):
     """Where jobs live; the Redis store is shared by every replica, the memory store by one process."""
 
-    async def create(self, owner: str | None, files: list[bytes], top_k: int | None, chunk_size: int) -> Job: ...
+    async def create(self, owner: str | None, files: list[bytes], top_k: int | None, chunk_size: int,
+                     account: str | None = None) -> Job: ...
     async def get(self, job_id: str) -> Job | None: ...
     async def results(self, job_id: str, offset: int, limit: int) -> list[dict]: ...
+    async def raw_results(self, job_id: str, offset: int, limit: int) -> list[bytes]: ...  # each as stored (JSON)
+    def held_bytes(self, account: str) -> tuple[int, int]: ...  # input bytes kept in this process: all, account's
     async def cancel(self, job_id: str) -> bool: ...
     async def next_chunk(self, consumer: str, wait_s: float) -> Chunk | None: ...
     async def inputs(self, chunk: Chunk) -> list[bytes] | None: ...
+    async def already_done(self, chunk: Chunk) -> bool: ...  # completed by a worker it was taken from
     async def started(self, chunk: Chunk) -> bool: ...
     async def complete(self, chunk: Chunk, results: list[bytes]) -> str | None: ...  # 'succeeded' if it ended the job
+    async def retry(self, consumer: str, chunk: Chunk, delay_s: float) -> None: ...  # deliver again later
     async def abandon(self, chunk: Chunk, reason: str) -> str | None: ...  # 'failed' if it ended the job
     async def keep_alive(self, consumer: str, chunk: Chunk) -> None: ...
     async def stats(self) -> QueueStats: ...
@@ -104,13 +112,18 @@ class JobWorker:
     """`concurrency` loops per process taking chunks from the store and classifying them.
 
     Two loops per process let one chunk decode while the other's batches are on the forward thread.
-    A chunk delivered more than `max_deliveries` times (its workers keep dying on it) fails its job
-    instead of taking replicas down forever.
+    A chunk whose classification raised is delivered again after a back-off; one delivered
+    `max_deliveries` times (it keeps raising, or its workers keep dying on it) fails its job with an
+    error that says which files, instead of taking replicas down forever. Results are stamped with
+    `model_version`, the version that computed them.
     """
 
     def __init__(self, store: JobStore, classify: Classify, visibility_timeout_s: float, concurrency: int = 2,
-                 max_deliveries: int = 5, stats_every_s: float = 5.0, piece_size: int = 32):
+                 max_deliveries: int = 5, stats_every_s: float = 5.0, piece_size: int = 32,
+                 model_version: str | None = None, retry_delay_s: float = 0.5):
         self.store = store
+        self.model_version = model_version
+        self.retry_delay_s = retry_delay_s
         self.classify = classify
         self.visibility_timeout_s = visibility_timeout_s
         self.concurrency = concurrency
@@ -164,35 +177,55 @@ class JobWorker:
                 await self._pause(1.0)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a chunk that failed stays pending: another delivery retries it
+            except Exception:  # a store call failed mid-chunk: the chunk stays pending, the visibility timeout redelivers it
                 log.exception("job chunk failed in %s; it will be retried after the visibility timeout", consumer)
                 await self._pause(0.5)
 
     async def work(self, consumer: str, chunk: Chunk) -> None:
         """Classify one chunk and record its results (or drop it if its job was cancelled or is gone)."""
+        files_named = f"files {chunk.start}..{chunk.start + chunk.count - 1}"
         if chunk.deliveries > self.max_deliveries:
-            status = await self.store.abandon(chunk, f"chunk {chunk.number} (files {chunk.start}..{chunk.start + chunk.count - 1}) "
-                                                     f"was abandoned by {chunk.deliveries - 1} workers")
+            status = await self.store.abandon(chunk, f"chunk {chunk.number} ({files_named}) could not be classified "
+                                                     f"in {chunk.deliveries - 1} attempts")
             self._count(status)
             return
         if not await self.store.started(chunk):
             return
         files = await self.store.inputs(chunk)
         if files is None:
-            self._count(await self.store.abandon(chunk, "the job's inputs expired before they were classified"))
+            # Taken over just as its slow first worker completed it (which deletes the inputs): done, not lost.
+            if not await self.store.already_done(chunk):
+                self._count(await self.store.abandon(chunk, "the job's inputs expired before they were classified"))
             return
         finished = asyncio.Event()
         heartbeat = asyncio.get_running_loop().create_task(self._keep_alive(consumer, chunk, finished))
         try:
-            # Piece by piece: the decode threads are shared with interactive calls, whose images
-            # should not queue behind a whole chunk's.
-            results = []
-            for start in range(0, len(files), self.piece_size):
-                results += await self.classify(files[start:start + self.piece_size], chunk.top_k)
-        finally:
-            finished.set()
-            heartbeat.cancel()
-        self._count(await self.store.complete(chunk, [encode_result(r) for r in results]))
+            try:
+                # Piece by piece: the decode threads are shared with interactive calls, whose images
+                # should not queue behind a whole chunk's.
+                results = []
+                for start in range(0, len(files), self.piece_size):
+                    results += await self.classify(files[start:start + self.piece_size], chunk.top_k, chunk.owner)
+            finally:  # no heartbeat may reset the claim once the chunk is finished or handed back
+                finished.set()
+                heartbeat.cancel()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s chunk %d (%s): classification failed on delivery %d of %d", chunk.job_id,
+                          chunk.number, files_named, chunk.deliveries, self.max_deliveries)
+            if chunk.deliveries >= self.max_deliveries:  # what went wrong is in the log, not in the job
+                self._count(await self.store.abandon(chunk, f"chunk {chunk.number} ({files_named}) could not be "
+                                                            f"classified in {chunk.deliveries} attempts"))
+            else:
+                await self.store.retry(consumer, chunk, min(self.retry_delay_s * 2 ** (chunk.deliveries - 1), 30.0))
+            return
+        self._count(await self.store.complete(chunk, [encode_result(self._stamped(r)) for r in results]))
+
+    def _stamped(self, result: dict | ApiError) -> dict | ApiError:
+        if isinstance(result, dict) and self.model_version is not None:
+            return {**result, "model_version": self.model_version}
+        return result
 
     async def _keep_alive(self, consumer: str, chunk: Chunk, finished: asyncio.Event) -> None:
         # A live worker on a slow chunk keeps its claim, so only a dead one's chunks are reclaimed.

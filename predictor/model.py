@@ -43,6 +43,9 @@ class Cifar10Classifier(kserve.Model):
         self.batcher: DynamicBatcher | None = None
         self.forward_ok = False
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
+        # Job images decode in a lane of their own (one thread): a job of large images queued in the
+        # interactive decode threads would hold every interactive call behind it.
+        self._job_decoder: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -87,7 +90,7 @@ class Cifar10Classifier(kserve.Model):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_decoder"] = None  # thread pools don't pickle; each worker process makes its own
+        state["_decoder"] = state["_job_decoder"] = None  # thread pools don't pickle; each worker process makes its own
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -100,7 +103,9 @@ class Cifar10Classifier(kserve.Model):
     async def preprocess(self, payload, headers: dict[str, str] | None = None) -> Prepared:
         """Any accepted body -> one decoded 32x32 image (or error) per slot, decoded off the event loop."""
         adapter = adapter_for(payload)
-        return Prepared(adapter, payload, await adapter.slots(payload, self._decode_all, self.settings.max_batch_files))
+        background = isinstance(payload, ClassifyRequest) and payload.background
+        decode = self._decode_job if background else self._decode_all
+        return Prepared(adapter, payload, await adapter.slots(payload, decode, self.settings.max_batch_files))
 
     async def predict(self, payload: Prepared, headers: dict[str, str] | None = None) -> Prepared:
         """Logits for every decoded slot, through the shared dynamic batcher."""
@@ -139,17 +144,27 @@ class Cifar10Classifier(kserve.Model):
         exp = np.exp(scaled)
         return (exp / exp.sum()).astype(np.float32)
 
-    async def _decode_all(self, files: list[bytes | ApiError], keep_errors: bool) -> Slots:
-        """Decode files concurrently off the loop; a bad file is kept as its error or raised at once."""
-        if self._decoder is None:
-            self._decoder = concurrent.futures.ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+    async def _decode_job(self, files: list[bytes | ApiError], keep_errors: bool) -> Slots:
+        if self._job_decoder is None:
+            self._job_decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="job-decode")
+        return await self._decode_all(files, keep_errors, self._job_decoder)
+
+    async def _decode_all(self, files: list[bytes | ApiError], keep_errors: bool,
+                          pool: concurrent.futures.ThreadPoolExecutor | None = None) -> Slots:
+        """Decode files concurrently off the loop (in `pool`, else the interactive decode threads); a bad
+        file is kept as its error or raised at once."""
+        if pool is None:
+            if self._decoder is None:
+                self._decoder = concurrent.futures.ThreadPoolExecutor(self.settings.decode_threads,
+                                                                      thread_name_prefix="decode")
+            pool = self._decoder
         loop = asyncio.get_running_loop()
 
         async def one(item: bytes | ApiError) -> np.ndarray | ApiError:
             if isinstance(item, ApiError):
                 return item
             try:
-                return await loop.run_in_executor(self._decoder, decode_image, item, self.settings.max_image_side)
+                return await loop.run_in_executor(pool, decode_image, item, self.settings.max_image_side)
             except ApiError as exc:
                 if not keep_errors:
                     raise

@@ -24,25 +24,27 @@ def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRoute
         return model
 
     @router.post("/classify/image", tags=["classify"], summary="Classify one uploaded image")
-    async def classify_image(response: Response, file: UploadFile = File(..., description="JPEG or PNG image"),
+    async def classify_image(request: Request, response: Response,
+                             file: UploadFile = File(..., description="JPEG or PNG image"),
                              top_k: int | None = Query(None, ge=1, le=10, description="also return the k best classes")):
         """Multipart field `file` -> the seed's JSON: predicted_class, confidence, all_probabilities, timestamp."""
         serving()
-        (result,), hit = await cached([await file.read()], top_k)
+        (result,), hit = await cached([await file.read()], top_k, request.state.api_key_id)
         response.headers["X-Cache"] = "hit" if hit else "miss"
         if isinstance(result, ApiError):
             raise result
         return {**result, "timestamp": timestamp(), "model_version": model.version}
 
     @router.post("/classify/batch", tags=["classify"], summary="Classify several uploaded images")
-    async def classify_batch(response: Response, files: list[UploadFile] = File(..., description="JPEG or PNG images"),
+    async def classify_batch(request: Request, response: Response,
+                             files: list[UploadFile] = File(..., description="JPEG or PNG images"),
                              top_k: int | None = Query(None, ge=1, le=10)):
         """Multipart fields `files` -> {"results": [...]} in input order; a bad file gets an error object in its slot."""
         limit = model.settings.max_batch_files
         if len(files) > limit:
             raise ApiError(413, "too_many_files", f"{len(files)} files exceed the limit of {limit} per request.")
         serving()
-        results, hit = await cached([await f.read() for f in files], top_k)
+        results, hit = await cached([await f.read() for f in files], top_k, request.state.api_key_id)
         response.headers["X-Cache"] = "hit" if hit else "miss"
         return {"results": [r.body() if isinstance(r, ApiError) else r for r in results], "timestamp": timestamp(),
                 "model_version": model.version}

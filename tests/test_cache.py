@@ -84,6 +84,7 @@ def test_redis_stopping_mid_run_never_fails_a_classify_call(redis_server, holdou
         refused = server.client.post("/classify/jobs", files=multipart([seen]))
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "job_store_unavailable", refused.text
         assert "Redis" in refused.json()["error"]["message"]
+        assert str(redis_server.port) not in refused.text and "Connection refused" not in refused.text  # no internals
         time.sleep(1)
         assert server.log().count("result cache: Redis unavailable") == 1  # logged once per outage
         metrics = server.client.get("/metrics").text
@@ -110,3 +111,51 @@ def test_without_redis_jobs_and_the_cache_live_in_the_process(holdout):
         assert done["results"][1]["error"]["code"] == "empty_file"
     finally:
         server.stop()
+
+
+def test_with_api_keys_the_cache_is_per_key_unless_shared(shared_redis, holdout):
+    """Key b must not learn that key a classified these exact bytes (X-Cache: hit, or the speed of
+    one); --cache_shared_across_keys true shares the entries instead."""
+    keys = {"Authorization": "Bearer cache-key-a"}, {"Authorization": "Bearer cache-key-b"}
+    env = {"API_KEYS": "cache-key-a,cache-key-b"}
+
+    def state(server: Server, data: bytes, headers: dict) -> str:
+        response = server.client.post("/classify/image", files={"file": data}, headers=headers)
+        assert response.status_code == 200, response.text
+        return response.headers["x-cache"]
+
+    scoped = Server("--redis_url", shared_redis.url, "--rate_limit_per_minute", "0", env=env)
+    try:
+        data = holdout[60][0]
+        assert [state(scoped, data, keys[0]), state(scoped, data, keys[0]), state(scoped, data, keys[1])] == [
+            "miss", "hit", "miss"]
+        assert state(scoped, data, keys[1]) == "hit"
+        batch = scoped.client.post("/classify/batch", files=multipart([holdout[61][0]]), headers=keys[0])
+        assert batch.headers["x-cache"] == "miss"
+        assert scoped.client.post("/classify/batch", files=multipart([holdout[61][0]]),
+                                  headers=keys[1]).headers["x-cache"] == "miss"
+    finally:
+        scoped.stop()
+    shared = Server("--redis_url", shared_redis.url, "--rate_limit_per_minute", "0", "--cache_shared_across_keys",
+                    "true", env=env)
+    try:
+        data = holdout[62][0]
+        assert [state(shared, data, keys[0]), state(shared, data, keys[1])] == ["miss", "hit"]
+    finally:
+        shared.stop()
+
+
+def test_errors_name_no_internals_and_no_redirect_follows_the_host(pair):
+    """A superscript digit as target_class is a 400 (str.isdigit accepts it, int() does not); a corrupt
+    image's message names no Python object; a trailing slash is not redirected to the client's Host."""
+    server, _ = pair
+    explain = server.client.post("/v1/models/cifar10-resnet18:explain", params={"target_class": "\u00b2"},
+                                 json={"instances": [[[[0, 0, 0]] * 32] * 32]})
+    assert explain.status_code == 400 and explain.json()["error"]["code"] == "invalid_target_class", explain.text
+    corrupt = server.client.post("/classify/image", files={"file": b"\x89PNG\r\n\x1a\n" + b"x" * 64})
+    assert corrupt.status_code == 400 and corrupt.json()["error"]["code"] == "invalid_image", corrupt.text
+    assert " at 0x" not in corrupt.text and "BytesIO" not in corrupt.text, corrupt.text
+    slashed = server.client.post("/classify/image/", files={"file": b"x"}, headers={"Host": "evil.example"},
+                                 follow_redirects=False)
+    assert slashed.status_code == 404 and "location" not in slashed.headers, (slashed.status_code, slashed.headers)
+    assert slashed.json()["error"]["code"] in ("not_found", "http_error"), slashed.text

@@ -212,9 +212,13 @@ def test_default_knative_on_a_gpu_node():
     route = one(objects, "VirtualService")["spec"]
     assert route["gateways"] == ["knative-serving/knative-ingress-gateway"]
     http = route["http"][0]
-    assert [m["uri"]["exact"] for m in http["match"]] == ["/classify/image", "/classify/batch", "/health", "/docs", "/openapi.json",
-                                                         "/v1/models/cifar10-resnet18:predict", "/v1/models/cifar10-resnet18:explain",
-                                                         "/v2/models/cifar10-resnet18/infer", "/", "/ui/app.js", "/ui/style.css"]
+    assert [m["uri"].get("exact") for m in http["match"]] == [
+        "/classify/image", "/classify/batch", "/health", "/docs", "/openapi.json", "/v1/models/cifar10-resnet18:predict",
+        "/v1/models/cifar10-resnet18:explain", "/v2/models/cifar10-resnet18/infer", "/", "/ui/app.js", "/ui/style.css",
+        "/classify/jobs", None]
+    job_path = re.compile(http["match"][-1]["uri"]["regex"])  # Envoy's regex match is a full match
+    assert job_path.fullmatch("/classify/jobs/" + "0123456789abcdef" * 2)
+    assert not any(job_path.fullmatch(p) for p in ("/classify/jobs/x", "/classify/jobs/" + "0" * 32 + "/y", "/classify/jobs/"))
     assert route["hosts"] == ["cifar10-classifier.default.example.com"]
     assert http["headers"]["request"]["set"]["Host"] == "cifar10-classifier-predictor.default.svc.cluster.local"
     assert http["route"] == [{"destination": {"host": "knative-local-gateway.istio-system.svc.cluster.local", "port": {"number": 80}}}]
@@ -400,6 +404,26 @@ def test_the_jwt_rules_and_selectors(values_file):
     assert authn["spec"]["selector"]["matchLabels"] == policy["spec"]["selector"]["matchLabels"] == pods
 
 
+JWT_ONLY = ("auth.jwt.enabled=true", "auth.jwt.issuer=https://issuer.example", "auth.jwt.jwksUri=https://issuer.example/jwks")
+
+
+@pytest.mark.parametrize("mode", ["Knative", "Standard"])
+def test_with_jwt_the_token_subject_owns_jobs_and_a_network_policy_is_on(mode):
+    """Istio copies the verified token's `sub` to a header the predictor reads as the job owner; the
+    route strips a client's own copy. With the token as the only auth, the NetworkPolicy is on."""
+    objects = render(sets=(*JWT_ONLY, f"deploymentMode={mode}"))
+    (rule,) = one(objects, "RequestAuthentication")["spec"]["jwtRules"]
+    assert rule["outputClaimToHeaders"] == [{"header": "x-jwt-subject", "claim": "sub"}]
+    assert env_of(predictor_container(objects))["JOB_OWNER_HEADER"] == "x-jwt-subject"
+    assert one(objects, "VirtualService")["spec"]["http"][0]["headers"]["request"]["remove"] == ["x-jwt-subject"]
+    assert by_kind(objects, "NetworkPolicy")
+    with_keys = render(sets=(*JWT_ONLY, f"deploymentMode={mode}", "auth.apiKeys.existingSecret=keys"))
+    assert not by_kind(with_keys, "NetworkPolicy")  # the keys are checked by the predictor itself
+    unowned = render(sets=(*JWT_ONLY, f"deploymentMode={mode}", "auth.jwt.ownerClaim="))
+    assert "JOB_OWNER_HEADER" not in env_of(predictor_container(unowned))
+    assert "outputClaimToHeaders" not in one(unowned, "RequestAuthentication")["spec"]["jwtRules"][0]
+
+
 def test_no_jwt_policy_by_default():
     objects = render()
     assert not by_kind(objects, "RequestAuthentication") and not by_kind(objects, "AuthorizationPolicy")
@@ -546,6 +570,16 @@ def test_kserve_and_knative_admission_rules(values_file):
 
 
 # -- NOTES.txt --------------------------------------------------------------------------------------
+def test_notes_warn_when_in_cluster_callers_can_pick_their_rate_limit_bucket():
+    """Trusted proxy hops, no API keys and no NetworkPolicy: a pod past the gateway writes its own
+    X-Forwarded-For. The notes say so, and stop saying so once either is on."""
+    warning = "picks its own bucket"
+    assert warning in render_notes(CHART / "ci" / "standard-values.yaml")
+    assert warning not in render_notes(CHART / "ci" / "standard-values.yaml", sets=("networkPolicy.enabled=true",))
+    assert warning not in render_notes(CHART / "ci" / "standard-values.yaml", sets=("auth.apiKeys.existingSecret=keys",))
+    assert warning not in render_notes(sets=("rateLimit.trustedProxyHops=0",))
+
+
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
 def test_notes_print_a_curl_command_for_the_route(values_file):
     notes = render_notes(values_file)

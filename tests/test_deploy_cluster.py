@@ -97,7 +97,7 @@ def test_the_models_can_tell():
 
 # -- JWT at the mesh: an allow-list percent-encoding cannot sidestep -------------------------------------
 PREDICTION_PATHS = ("/classify/image", "/classify/batch", "/v1/models/{model}:predict", "/v2/models/{model}/infer",
-                    "/v2/models/{model}/versions/1/infer", "/v1/models/{model}:explain")
+                    "/v2/models/{model}/versions/1/infer", "/v1/models/{model}:explain", "/classify/jobs")
 # Raw paths a client may send that uvicorn decodes into a prediction path (Envoy's default BASE
 # normalization resolves dot segments but keeps %2F, %3A and the like as they are).
 ENCODED_PATHS = ("/classify%2Fimage", "/classify%2fbatch", "/%63lassify/image", "/v1/models/{model}%3Apredict",
@@ -184,6 +184,10 @@ def test_the_jwt_policy_cannot_be_sidestepped_by_encoding_the_path(values_file):
         assert istio_allows(policies, request("/metrics", port=9090, method="GET"))
         assert istio_allows(policies, request("/", port=8012, method="GET", headers={"k-network-probe": "queue"}))
         assert not istio_allows(policies, request("/classify/image", port=8012))
+        # Anyone can send the probe header, and queue-proxy passes on what it does not answer itself:
+        # with it, no prediction, no job submitted, no job read or cancelled.
+        for path, method in (("/classify/image", "POST"), ("/classify/jobs", "POST"), ("/classify/jobs/" + "0" * 32, "DELETE")):
+            assert not istio_allows(policies, request(path, port=8012, method=method, headers={"k-network-probe": "queue"}))
         # ... on queue-proxy's ports only: sent straight to the predictor's port it would reach the app.
         assert not istio_allows(policies, request("/classify/image", port=port, headers={"k-network-probe": "queue"}))
 
@@ -234,6 +238,9 @@ def test_only_prediction_health_and_docs_are_reachable_from_outside(values_file)
         allowed |= {"/", "/ui/app.js", "/ui/style.css"}  # the demo page (predictor/ui), a page like /docs
     for http in routes[0]["spec"]["http"]:
         for match in http["match"]:
+            if "regex" in match["uri"]:  # a job's own path: 32 hex digits and nothing else
+                assert match["uri"] == {"regex": "^/classify/jobs/[0-9a-f]{32}$"}, match
+                continue
             assert set(match["uri"]) == {"exact"} and match["uri"]["exact"] in allowed, match
     # KServe's own route would expose every path (/metrics too) on the external gateway: cluster-local.
     assert isvc["metadata"]["labels"].get("networking.kserve.io/visibility") == "cluster-local"

@@ -197,6 +197,9 @@ POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 OPERATIONS = [
     ("POST", "/classify/image", None, (POSITIVE, NEGATIVE), 80),
     ("POST", "/classify/batch", None, (POSITIVE, NEGATIVE), 50),
+    ("POST", "/classify/jobs", None, (POSITIVE, NEGATIVE), 40),
+    ("GET", "/classify/jobs/{job_id}", None, (POSITIVE,), 20),
+    ("DELETE", "/classify/jobs/{job_id}", None, (POSITIVE,), 10),
     ("POST", "/v2/models/{model_name}/infer", {"model_name": MODEL}, (POSITIVE, NEGATIVE), 100),
     ("POST", "/v2/models/{model_name}/infer", None, (POSITIVE, NEGATIVE), 20),
     ("POST", "/v1/models/{model_name}:predict", None, (POSITIVE,), 20),
