@@ -91,7 +91,6 @@ def test_the_class_mix_alert_is_quiet_on_a_balanced_stream_and_fires_on_a_skewed
     wait_for(lambda: DRIFT in prometheus.firing(), 30, "the drift alert to fire")
     skewed = sample_value(prometheus, tvd)
     assert skewed > threshold > balanced, (balanced, skewed)
-    print(f"class-mix distance: balanced {balanced:.3f}, after the cats {skewed:.3f}")  # for the README's numbers
     (alert,) = [a for a in prometheus.client.get("/api/v1/alerts").json()["data"]["alerts"] if a["labels"]["alertname"] == DRIFT]
     version = predictor.client.post("/classify/image", files={"file": ("cat.jpg", cats[0], "image/jpeg")}).json()["model_version"]
     assert alert["labels"]["model_version"] == version
