@@ -16,10 +16,9 @@ from . import metrics
 from .demo import build_ui_router
 from .error_handlers import install_error_handlers
 from .explain import build_explain_router
-from .guard import RequestGuard
+from .guard import Gates, RequestGuard
 from .model import Cifar10Classifier
 from .routes import build_router
-from .security import RateLimiter
 from .shared_state import build_cache, build_jobs
 
 log = logging.getLogger("predictor")
@@ -35,8 +34,10 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     app.include_router(build_explain_router(model))
     app.include_router(build_ui_router(model))
     install_error_handlers(app)
-    limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute > 0 else None
-    app.add_middleware(RequestGuard, settings=settings, drain=drain, limiter=limiter)
+    # The gRPC server (predictor.grpc_server) admits its calls through these same gates and buckets.
+    model.gates = Gates.build(settings, drain)
+    limiter = model.gates.limiter
+    app.add_middleware(RequestGuard, gates=model.gates)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -151,8 +151,6 @@ def load_api_keys(args: argparse.Namespace) -> ApiKeys:
         raise SystemExit(f"--api_keys_file: cannot read {args.api_keys_file} ({exc.strerror})") from None
     if args.api_keys_file is not None and not keys.enabled:
         raise SystemExit(f"--api_keys_file: {args.api_keys_file} holds no keys; refusing to serve without the auth it asks for")
-    if keys.enabled and args.enable_grpc:
-        raise SystemExit("API keys protect the HTTP API only; start with --enable_grpc false so gRPC is not a way around them")
     return keys
 
 

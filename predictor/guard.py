@@ -48,18 +48,68 @@ def prediction_endpoint(method: str, path: str) -> str | None:
     return None
 
 
-class RequestGuard:
-    """Pure-ASGI middleware applying the checks above to the prediction routes.
+class Gates:
+    """The admission gates of a prediction call, whatever carries it (the HTTP guard below, the gRPC
+    interceptor in predictor.grpc_server): one implementation, one set of rate-limit buckets and one
+    in-flight count per process.
 
     `limiter` is None when the rate limit is off; `drain` is the process's shutdown state and
-    in-flight count, which this guard keeps.
+    in-flight count, which the callers of `refusal` keep.
     """
 
-    def __init__(self, asgi_app, settings: Settings, drain: Drain, limiter: RateLimiter | None):
-        self.app = asgi_app
+    def __init__(self, settings: Settings, drain: Drain, limiter: RateLimiter | None):
         self.settings = settings
         self.drain = drain
         self.limiter = limiter
+
+    @classmethod
+    def build(cls, settings: Settings, drain: Drain) -> "Gates":
+        return cls(settings, drain, RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute > 0 else None)
+
+    def refusal(self, scope: dict, extra_headers: list) -> ApiError | None:
+        """The error of a call that must not proceed (draining, no key, over its rate, replica saturated), else
+        None. `scope` needs `headers` (lower-case byte pairs) and `client`; the admitted caller is recorded
+        in its `state`; the rate-limit headers of an admitted call are appended to `extra_headers`."""
+        settings = self.settings
+        if self.drain.draining:
+            return ApiError(503, "shutting_down", "This replica is shutting down; retry on another.",
+                            {"Retry-After": "1", "Connection": "close"})
+        headers = dict(scope["headers"])
+        key = presented_key(headers)
+        if settings.api_keys.enabled and not settings.api_keys.accepts(key):
+            message = "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+            return ApiError(401, "unauthorized", message if key is None else "The API key is not valid.",
+                            {"WWW-Authenticate": "Bearer"})
+        key = key if settings.api_keys.enabled else None
+        identity = caller_identity(scope, key, settings.trusted_proxy_hops)
+        scope.setdefault("state", {}).update(caller=identity, api_key_id=key_id(key) if key is not None else None)
+        if self.limiter is not None:
+            decision = self.limiter.check(identity)
+            extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
+                                 if k != "Retry-After")
+            if not decision.allowed:
+                return ApiError(429, "rate_limited",
+                                f"More than {decision.limit} requests per minute; retry in {decision.retry_after_s} s.",
+                                {"Retry-After": str(decision.retry_after_s)})
+        if self.drain.in_flight >= settings.max_in_flight:
+            # Refused before the body is read or FastAPI runs: far above saturation a refusal must
+            # cost much less than a served call, or the refusals themselves swamp the event loop.
+            return overloaded(f"{self.drain.in_flight} calls are already in flight (limit {settings.max_in_flight})")
+        return None
+
+
+class RequestGuard:
+    """Pure-ASGI middleware applying the checks above to the prediction routes.
+
+    `gates` holds the settings, the drain (the in-flight count this guard keeps) and the limiter.
+    """
+
+    def __init__(self, asgi_app, gates: "Gates"):
+        self.app = asgi_app
+        self.gates = gates
+        self.settings = gates.settings
+        self.drain = gates.drain
+        self.limiter = gates.limiter
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -89,7 +139,8 @@ class RequestGuard:
             await send(message)
 
         try:
-            refusal = self._refusal(scope, settings, extra_headers)
+            refused = self.gates.refusal(scope, extra_headers)
+            refusal = refused.response() if refused is not None else None
             if refusal is None:
                 refusal = self._declared_too_large(scope, body_limit)
             if refusal is not None:
@@ -143,34 +194,6 @@ class RequestGuard:
             await exc.response()(scope, receive, send)
         finally:
             self.drain.in_flight -= 1
-
-    def _refusal(self, scope, settings, extra_headers: list) -> object | None:
-        """A response for a call that must not proceed (draining, no key, over its rate, replica saturated), else None."""
-        if self.drain.draining:
-            return error_response(503, "shutting_down", "This replica is shutting down; retry on another.",
-                                  {"Retry-After": "1", "Connection": "close"})
-        headers = dict(scope["headers"])
-        key = presented_key(headers)
-        if settings.api_keys.enabled and not settings.api_keys.accepts(key):
-            message = "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
-            return error_response(401, "unauthorized", message if key is None else "The API key is not valid.",
-                                  {"WWW-Authenticate": "Bearer"})
-        key = key if settings.api_keys.enabled else None
-        identity = caller_identity(scope, key, settings.trusted_proxy_hops)
-        scope.setdefault("state", {}).update(caller=identity, api_key_id=key_id(key) if key is not None else None)
-        if self.limiter is not None:
-            decision = self.limiter.check(identity)
-            extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
-                                 if k != "Retry-After")
-            if not decision.allowed:
-                return error_response(429, "rate_limited",
-                                      f"More than {decision.limit} requests per minute; retry in {decision.retry_after_s} s.",
-                                      {"Retry-After": str(decision.retry_after_s)})
-        if self.drain.in_flight >= settings.max_in_flight:
-            # Refused before the body is read or FastAPI runs: far above saturation a refusal must
-            # cost much less than a served call, or the refusals themselves swamp the event loop.
-            return overloaded(f"{self.drain.in_flight} calls are already in flight (limit {settings.max_in_flight})").response()
-        return None
 
     @staticmethod
     def _declared_too_large(scope, limit: int):

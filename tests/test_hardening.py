@@ -299,9 +299,8 @@ def test_sigterm_during_load_completes_every_admitted_request(image):
 
 # -- refused configurations -------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
-    (["--enable_grpc", "true"], "API keys protect the HTTP API only"),
     (["--api_keys_file", "/nonexistent/keys"], "cannot read /nonexistent/keys"),
-], ids=["keys-with-grpc", "unreadable-keys-file"])
+], ids=["unreadable-keys-file"])
 def test_unsafe_auth_configurations_refuse_to_start(args, message):
     result = subprocess.run([sys.executable, "-m", "predictor", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "API_KEYS": KEYS[0]})
