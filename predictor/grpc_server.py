@@ -31,6 +31,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from . import metrics
 from .errors import ApiError
 from .guard import Gates
+from .payloads import SERVER_EXTENSIONS
 
 log = logging.getLogger("predictor")
 
@@ -159,6 +160,33 @@ class GuardedServicer(InferenceServicer):
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context):
         raise ApiError(501, "not_supported", REPOSITORY_REFUSED)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context):
+        """The proto's fields only (KServe's would pass the REST metadata's `parameters`, which the proto lacks)."""
+        model = self._data_plane.get_model_from_registry(request.name)
+        if request.version and request.version != model.version:
+            raise ApiError(404, "not_supported", f"Model {model.name} has no version {request.version!r}; "
+                                                 f"it serves version {model.version!r} only.")
+
+        def tensors(types: list[dict]) -> list:
+            return [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                    for t in types]
+
+        return pb.ModelMetadataResponse(name=model.name, versions=[model.version], platform=model.platform,
+                                        inputs=tensors(model.get_input_types()), outputs=tensors(model.get_output_types()))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context):
+        metadata = self._data_plane.metadata()
+        return pb.ServerMetadataResponse(name=metadata["name"], version=metadata["version"], extensions=SERVER_EXTENSIONS)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context):
+        if request.model_version:
+            # The one version served is the weights' (ModelMetadata's `versions`); no other exists.
+            model = self._data_plane.get_model_from_registry(request.model_name)
+            if request.model_version != model.version:
+                raise ApiError(404, "not_supported", f"Model {model.name} has no version {request.model_version!r}; "
+                                                     f"it serves version {model.version!r} only.")
+        return await super().ModelInfer(request, context)
 
     async def ServerReady(self, request, context):
         if self.gates.drain.draining:

@@ -55,7 +55,7 @@ def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRoute
             raise ApiError(404, "model_not_found", f"Model with name {model_name} does not exist.")
         if model_version:
             raise ApiError(404, "not_supported", "Model versions are not served: this predictor serves one unversioned model.")
-        return {"name": model.name, "versions": [model.version], "platform": "pytorch",
+        return {"name": model.name, "versions": [model.version], "platform": model.platform,
                 "inputs": model.get_input_types(), "outputs": model.get_output_types(), "parameters": model.metadata}
 
     @router.get("/health", tags=["health"], summary="Model loaded and a forward pass succeeded")

@@ -177,8 +177,9 @@ def test_v2_over_grpc(server, cifar_jpegs):
     image.set_data_from_numpy(np.array([cifar_jpegs["ship_0000.jpg"]], dtype=np.object_), binary_data=True)
     outputs = {o.name: o for o in asyncio.run(infer(image)).outputs}
     seed = server.client.post("/classify/image", files={"file": cifar_jpegs["ship_0000.jpg"]}).json()
-    assert outputs["label"].data == [seed["predicted_class"].encode()]
-    assert outputs["probabilities"].data == pytest.approx(list(seed["all_probabilities"].values()), abs=1e-5)
+    # Sent as raw_input_contents, so the answer comes as raw_output_contents (as from Triton).
+    assert outputs["label"].as_numpy().tolist() == [seed["predicted_class"].encode()]
+    assert outputs["probabilities"].as_numpy()[0].tolist() == pytest.approx(list(seed["all_probabilities"].values()), abs=1e-5)
 
 
 # -- health, docs, metrics ------------------------------------------------------------------------------

@@ -236,3 +236,79 @@ def test_sigterm_refuses_new_grpc_calls_while_admitted_calls_drain(cifar_jpegs):
         assert srv.process.returncode == 0
     finally:
         stop(srv)
+
+
+# -- Open Inference Protocol conformance -------------------------------------------------------------
+def served_version(srv: Server) -> str:
+    return srv.client.get("/health").json()["version"]
+
+
+def test_model_and_server_metadata(grpc_server):
+    meta = grpc_server.stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL_NAME), timeout=30)
+    assert (meta.name, list(meta.versions), meta.platform) == (MODEL_NAME, [served_version(grpc_server)], "onnxruntime_onnx")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("image", "BYTES", [-1]),
+                                                                         ("pixels", "UINT8", [-1, 32, 32, 3])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("probabilities", "FP32", [-1, 10]),
+                                                                          ("label", "BYTES", [-1])]
+    with_version = pb.ModelMetadataRequest(name=MODEL_NAME, version=served_version(grpc_server))
+    assert grpc_server.stub.ModelMetadata(with_version, timeout=30).name == MODEL_NAME
+    for request in (pb.ModelMetadataRequest(name="no-such-model"), pb.ModelMetadataRequest(name=MODEL_NAME, version="9")):
+        assert grpc_error(grpc_server.stub.ModelMetadata, request, timeout=30).code() == grpc.StatusCode.NOT_FOUND
+    server = grpc_server.stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=30)
+    assert list(server.extensions) == ["binary_tensor_data"]
+
+
+def tensor(name: str, datatype: str, shape: list[int], **contents) -> pb.ModelInferRequest.InferInputTensor:
+    return pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape,
+                                                 contents=pb.InferTensorContents(**contents) if contents else None)
+
+
+BAD_REQUESTS = {
+    "fp32-input": (dict(inputs=[tensor("x", "FP32", [1, 3], fp32_contents=[1, 2, 3])]),
+                   grpc.StatusCode.INVALID_ARGUMENT, "Input datatype FP32 is not accepted"),
+    "pixels-16x16": (dict(inputs=[tensor("pixels", "UINT8", [1, 16, 16, 3])], raw_input_contents=[bytes(768)]),
+                     grpc.StatusCode.INVALID_ARGUMENT, "UINT8 input must have shape [N, 32, 32, 3]"),
+    "pixels-short": (dict(inputs=[tensor("pixels", "UINT8", [1, 32, 32, 3])], raw_input_contents=[bytes(3000)]),
+                     grpc.StatusCode.INVALID_ARGUMENT, "UINT8 data does not match shape"),
+    "truncated-jpeg": (dict(inputs=[tensor("image", "BYTES", [1], bytes_contents=[b"\xff\xd8\xff\xe0" + bytes(300)])]),
+                       grpc.StatusCode.INVALID_ARGUMENT, "corrupt or truncated"),
+    "base64-text": (dict(inputs=[tensor("image", "BYTES", [1], bytes_contents=[b"/9j/4AAQSkZJRg=="])]),
+                    grpc.StatusCode.INVALID_ARGUMENT, "Only JPEG and PNG images are accepted"),
+    "65-images": (dict(inputs=[tensor("image", "BYTES", [65], bytes_contents=[b"x"] * 65)]),
+                  grpc.StatusCode.RESOURCE_EXHAUSTED, "65 images exceed the limit of 64"),
+    "shape-mismatch": (dict(inputs=[tensor("image", "BYTES", [2], bytes_contents=[b"x"])]),
+                       grpc.StatusCode.INVALID_ARGUMENT, "BYTES input must have shape [N]"),
+    "no-inputs": (dict(), grpc.StatusCode.INVALID_ARGUMENT, "Expected exactly one input"),
+    "unknown-output": (dict(inputs=[tensor("image", "BYTES", [1], bytes_contents=[b"x"])],
+                            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]),
+                       grpc.StatusCode.INVALID_ARGUMENT, "Unknown output 'logits'"),
+    "unknown-model": (dict(model_name="no-such-model", inputs=[tensor("image", "BYTES", [1], bytes_contents=[b"x"])]),
+                      grpc.StatusCode.NOT_FOUND, "no-such-model"),
+    "unknown-version": (dict(model_version="9", inputs=[tensor("image", "BYTES", [1], bytes_contents=[b"x"])]),
+                        grpc.StatusCode.NOT_FOUND, "has no version '9'"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_requests_get_their_status_code_never_internal(grpc_server, name):
+    fields, code, message = BAD_REQUESTS[name]
+    error = grpc_error(grpc_server.stub.ModelInfer, pb.ModelInferRequest(**{"model_name": MODEL_NAME, **fields}), timeout=30)
+    assert error.code() == code, error
+    assert message in error.details()
+    assert "Traceback" not in error.details() and "File \"" not in error.details()
+
+
+def test_bytes_are_the_files_and_requested_outputs_are_honoured(grpc_server, cifar_jpegs):
+    request = image_request(cifar_jpegs["ship_0000.jpg"])
+    request.id = "call-7"
+    request.outputs.append(pb.ModelInferRequest.InferRequestedOutputTensor(name="label"))
+    reply = grpc_server.stub.ModelInfer(request, timeout=30)
+    assert (reply.id, reply.model_version) == ("call-7", served_version(grpc_server))
+    assert [(o.name, o.datatype, list(o.shape)) for o in reply.outputs] == [("label", "BYTES", [1])]
+    assert list(reply.outputs[0].contents.bytes_contents) == [b"ship"]
+    # The served version may be named; pixels sent raw come back raw (as tritonclient expects).
+    pixels = pb.ModelInferRequest(model_name=MODEL_NAME, model_version=served_version(grpc_server),
+                                  inputs=[tensor("pixels", "UINT8", [2, 32, 32, 3])], raw_input_contents=[bytes(6144)])
+    reply = grpc_server.stub.ModelInfer(pixels, timeout=30)
+    assert [o.name for o in reply.outputs] == ["probabilities", "label"] and len(reply.raw_output_contents) == 2
+    assert len(reply.raw_output_contents[0]) == 2 * 10 * 4
