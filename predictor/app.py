@@ -18,6 +18,7 @@ from .error_handlers import install_error_handlers
 from .explain import build_explain_router
 from .guard import Gates, RequestGuard
 from .model import Cifar10Classifier
+from .protocols import omit_unset_optional_fields
 from .routes import build_router
 from .shared_state import build_cache, build_jobs
 
@@ -34,10 +35,11 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     app.include_router(build_explain_router(model))
     app.include_router(build_ui_router(model))
     install_error_handlers(app)
+    omit_unset_optional_fields()
     # The gRPC server (predictor.grpc_server) admits its calls through these same gates and buckets.
     model.gates = Gates.build(settings, drain)
     limiter = model.gates.limiter
-    app.add_middleware(RequestGuard, gates=model.gates)
+    app.add_middleware(RequestGuard, gates=model.gates, version=model.version)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

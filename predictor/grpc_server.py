@@ -109,7 +109,7 @@ class GateInterceptor(aio.ServerInterceptor):
             except asyncio.CancelledError:
                 # The caller cancelled or its own deadline passed: gRPC has already ended the call.
                 remaining = context.time_remaining()
-                status = 504 if remaining is not None and remaining <= 0 else 499
+                status = 504 if remaining is not None and remaining < 0.05 else 499
                 raise
             except Exception as exc:  # noqa: BLE001: every failure becomes a status code, never a stack trace
                 error = as_api_error(exc)

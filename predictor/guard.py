@@ -13,11 +13,12 @@ routes can tie what they create to its owner.
 import asyncio
 import re
 import time
+import zlib
 
 from . import metrics
 from .config import Settings
 from .drain import Drain
-from .errors import ApiError, error_response, overloaded
+from .errors import OIP_ERRORS, ApiError, error_response, overloaded
 from .payloads import v2_binary_framing_error
 from .security import RateLimiter, caller_identity, key_id, presented_key
 
@@ -104,9 +105,12 @@ class RequestGuard:
     `gates` holds the settings, the drain (the in-flight count this guard keeps) and the limiter.
     """
 
-    def __init__(self, asgi_app, gates: "Gates"):
+    def __init__(self, asgi_app, gates: "Gates", version: str | None = None):
         self.app = asgi_app
         self.gates = gates
+        # The one model version served (metadata's `versions`): its /versions/<version>/... paths are the
+        # unversioned ones, which KServe (no versioning) serves; any other version stays a 404.
+        self.versioned = re.compile(rf"^(/v2/models/[^/]+)/versions/{re.escape(version)}(/infer|/ready)?$") if version else None
         self.settings = gates.settings
         self.drain = gates.drain
         self.limiter = gates.limiter
@@ -114,6 +118,17 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        OIP_ERRORS.set(scope["path"].startswith("/v2/"))
+        if self.versioned is not None and (served := self.versioned.match(scope["path"])):
+            path = served.group(1) + (served.group(2) or "")
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        if scope["method"] != "POST" and prediction_endpoint("POST", scope["path"]) in ("v1_predict", "explain"):
+            # Otherwise `GET /v1/models/x:predict` reaches the model-readiness route as model "x:predict".
+            return await error_response(405, "method_not_allowed", f"{scope['method']} is not allowed here; use POST.",
+                                        {"Allow": "POST"})(scope, receive, send)
+        if scope["method"] == "HEAD":
+            # RFC 9110: HEAD wherever GET works, with GET's headers and no body.
+            return await self.app({**scope, "method": "GET"}, receive, _without_body(send))
         settings = self.settings
         if self.drain.draining and _READINESS_PATH.match(scope["path"]):
             return await error_response(503, "shutting_down", "This replica is shutting down.")(scope, receive, send)
@@ -123,6 +138,8 @@ class RequestGuard:
             return await error_response(404, "not_found", "The model repository API is not served by this predictor.")(
                 scope, receive, send)
         endpoint = prediction_endpoint(scope["method"], scope["path"])
+        if endpoint == "v2_infer":
+            _json_unless_binary(scope)
         if endpoint is None:
             return await self._other(scope, receive, send, settings.max_body_bytes)
         started = time.perf_counter()
@@ -179,6 +196,9 @@ class RequestGuard:
         try:
             async with asyncio.timeout(timeout_s):
                 receive = self._counting(receive, body_limit)
+                encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").strip().lower()
+                if encoding != b"identity":
+                    receive = await self._decoded(scope, encoding, receive, body_limit)
                 header_length = dict(scope["headers"]).get(b"inference-header-content-length")
                 if header_length is not None:
                     receive = await self._screen_v2_binary(header_length, receive)
@@ -194,6 +214,34 @@ class RequestGuard:
             await exc.response()(scope, receive, send)
         finally:
             self.drain.in_flight -= 1
+
+    @staticmethod
+    async def _decoded(scope, encoding: bytes, receive, limit: int):
+        """The body of a gzip- or deflate-encoded call (tritonclient's request compression), decoded as it
+        arrives, with the size limit applied to the decoded bytes too (a small bomb is a 413 like a large
+        body); the app then sees a plain body. Any other coding: 415, rather than bytes it cannot read."""
+        if encoding not in (b"gzip", b"x-gzip", b"deflate"):
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; send gzip, deflate or none.")
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding != b"deflate" else zlib.MAX_WBITS)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                raise ApiError(400, "invalid_request", "The request body ended before it was complete.")
+            try:
+                chunk = decoder.decompress(message.get("body", b""), limit + 1 - size)
+            except zlib.error:
+                raise ApiError(400, "invalid_request", f"The request body is not valid {encoding.decode()} data.") from None
+            size += len(chunk)
+            if size > limit or decoder.unconsumed_tail:
+                raise ApiError(413, "payload_too_large", f"The decoded request body exceeds the limit of {limit} bytes.")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        if not decoder.eof:
+            raise ApiError(400, "invalid_request", f"The {encoding.decode()} request body is truncated.")
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
+        return _replay(b"".join(chunks))
 
     @staticmethod
     def _declared_too_large(scope, limit: int):
@@ -239,10 +287,34 @@ class RequestGuard:
         problem = v2_binary_framing_error(header_length, body)
         if problem is not None:
             raise problem
+        return _replay(body)
 
-        async def replay():
-            nonlocal body
-            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-            return message
 
-        return replay
+def _without_body(send):
+    async def headers_only(message):
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headers_only
+
+
+def _replay(body: bytes):
+    """A receive that hands the app `body`, already read, as one message."""
+    async def replay():
+        nonlocal body
+        message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+        return message
+
+    return replay
+
+
+def _json_unless_binary(scope) -> None:
+    """The OIP binary-data extension: without Inference-Header-Content-Length the whole body is JSON. Such a
+    body with no Content-Type (tritonclient sends none) or application/octet-stream is given application/json,
+    so KServe parses it as JSON rather than refusing it as binary data without its header."""
+    headers = dict(scope["headers"])
+    if b"inference-header-content-length" in headers:
+        return
+    if headers.get(b"content-type", b"").split(b";")[0].strip().lower() in (b"", b"application/octet-stream"):
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [(b"content-type", b"application/json")]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from predictor.network import CLASSES
 
-from .conftest import MODEL_NAME, encode
+from .conftest import MODEL_NAME, encode, error_fields
 
 V1 = f"/v1/models/{MODEL_NAME}:predict"
 V2 = f"/v2/models/{MODEL_NAME}/infer"
@@ -22,10 +22,9 @@ V2 = f"/v2/models/{MODEL_NAME}/infer"
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
-    assert body["error"]["message"]
+    found, _ = error_fields(body, response.request.url.path)
     if code:
-        assert body["error"]["code"] == code, body
+        assert found == code, body
     return body
 
 

@@ -81,9 +81,8 @@ def keyed_grpc():
     stop(srv)
 
 
-@pytest.fixture(scope="module")
-def heavy_request() -> pb.ModelInferRequest:
-    """12 4096x4096 PNGs: small on the wire (~60 kB each), ~0.3 s each to decode, seconds in all on 2 cores."""
+def large_pngs(count: int) -> pb.ModelInferRequest:
+    """`count` 4096x4096 PNGs: small on the wire (~60 kB each), ~0.3 s each to decode on this 2-core machine."""
     import io
 
     from PIL import Image
@@ -91,7 +90,12 @@ def heavy_request() -> pb.ModelInferRequest:
     buffer = io.BytesIO()
     Image.new("RGB", (4096, 4096), (200, 30, 30)).save(buffer, "PNG")
     return pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="image", datatype="BYTES", shape=[12], contents=pb.InferTensorContents(bytes_contents=[buffer.getvalue()] * 12))])
+        name="image", datatype="BYTES", shape=[count], contents=pb.InferTensorContents(bytes_contents=[buffer.getvalue()] * count))])
+
+
+@pytest.fixture(scope="module")
+def heavy_request() -> pb.ModelInferRequest:
+    return large_pngs(12)  # ~2 s of decoding
 
 
 def api_requests(srv: Server, code: int) -> float:
@@ -201,8 +205,9 @@ def test_our_deadline_and_the_callers_both_hold(limited_grpc, grpc_server, heavy
     assert api_requests(limited_grpc, 504) >= 1
     # The caller's own deadline, shorter than the server's 30 s, ends the call on the server too.
     before = api_requests(grpc_server, 504)
-    assert grpc_error(grpc_server.stub.ModelInfer, heavy_request, timeout=0.5).code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 1.5  # well before the ~2 s the decoding alone takes
+    heavier = large_pngs(48)  # ~8 s of decoding
+    assert grpc_error(grpc_server.stub.ModelInfer, heavier, timeout=0.5).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 4  # well before the decoding alone would be done
     while api_requests(grpc_server, 504) == before:
         assert time.monotonic() < deadline, "the server kept computing past the caller's deadline"
 
