@@ -41,6 +41,8 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     limiter = model.gates.limiter
     app.add_middleware(RequestGuard, gates=model.gates, version=model.version)
 
+    describe_without_the_repository_api(app)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         # KServe registers its own handlers (plain-string errors) just before the server starts; put
@@ -62,3 +64,17 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     app.include_router(build_jobs(settings.redis_url, settings.job_ttl_s, settings.job_visibility_timeout_s, classify_job,
                                   settings.api_keys, limiter, settings.max_job_files, settings.max_job_bytes,
                                   settings.job_chunk_size))
+
+
+def describe_without_the_repository_api(app: FastAPI) -> None:
+    """/openapi.json without KServe's repository routes: refused here (predictor.guard), they are not part
+    of the API this server offers."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = generate()
+            schema["paths"] = {path: item for path, item in schema["paths"].items() if not path.startswith("/v2/repository/")}
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -248,3 +248,9 @@ def test_head_works_wherever_get_does_and_post_routes_say_allow_post(served):
             response = served.client.request(verb, path)
             assert response.status_code == 405 and response.headers["allow"] == "POST", (verb, path, response.text)
     assert served.client.get("/classify/image").headers["allow"] == "POST"
+
+
+def test_openapi_does_not_list_the_refused_repository_api(served):
+    paths = served.client.get("/openapi.json").json()["paths"]
+    assert f"/v2/models/{{model_name}}/infer" in paths
+    assert not [p for p in paths if p.startswith("/v2/repository")], list(paths)
