@@ -64,7 +64,8 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve the CIFAR-10 ResNet18 with KServe's ModelServer.",
     )
-    parser.set_defaults(model_name=_env("MODEL_NAME", DEFAULT_MODEL_NAME))
+    # /docs is on unless turned off (predictor.__main__ tells KServe so before it builds its app): say so in --help.
+    parser.set_defaults(model_name=_env("MODEL_NAME", DEFAULT_MODEL_NAME), enable_docs_url=True)
     add = parser.add_argument
     add("--model_dir", type=Path, default=_env("MODEL_DIR", None, Path),
         help="directory with the weights and model_card.json [env MODEL_DIR; default /mnt/models when STORAGE_URI is set, "

@@ -254,3 +254,15 @@ def test_openapi_does_not_list_the_refused_repository_api(served):
     paths = served.client.get("/openapi.json").json()["paths"]
     assert f"/v2/models/{{model_name}}/infer" in paths
     assert not [p for p in paths if p.startswith("/v2/repository")], list(paths)
+
+
+def test_help_gives_the_docs_default_that_is_served():
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-m", "predictor", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    text = " ".join(result.stdout.split())
+    assert "Enable docs url '/docs' to display Swagger UI. (default: True)" in text, text[-2000:]
