@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import metrics
+from . import metrics, openapi
 from .demo import build_ui_router
 from .error_handlers import install_error_handlers
 from .explain import build_explain_router
@@ -41,7 +41,7 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     limiter = model.gates.limiter
     app.add_middleware(RequestGuard, gates=model.gates, version=model.version)
 
-    describe_without_the_repository_api(app)
+    openapi.describe(app)  # what the server answers: errors per route, media types, no refused routes
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -64,17 +64,3 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     app.include_router(build_jobs(settings.redis_url, settings.job_ttl_s, settings.job_visibility_timeout_s, classify_job,
                                   settings.api_keys, limiter, settings.max_job_files, settings.max_job_bytes,
                                   settings.job_chunk_size))
-
-
-def describe_without_the_repository_api(app: FastAPI) -> None:
-    """/openapi.json without KServe's repository routes: refused here (predictor.guard), they are not part
-    of the API this server offers."""
-    generate = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = generate()
-            schema["paths"] = {path: item for path, item in schema["paths"].items() if not path.startswith("/v2/repository/")}
-        return app.openapi_schema
-
-    app.openapi = openapi
