@@ -268,7 +268,7 @@ def test_help_gives_the_docs_default_that_is_served():
     assert "Enable docs url '/docs' to display Swagger UI. (default: True)" in text, text[-2000:]
 
 
-def test_schemathesis_finds_nothing_in_openapi_json(served):
+def test_schemathesis_finds_nothing_in_openapi_json(served, tmp_path):
     """Bounded (examples and coverage phases, 20 cases per operation, fixed seed): every check, the Allow
     header and unsupported methods included, but positive_data_acceptance (any bytes are a schema-valid
     upload; only JPEG and PNG are accepted, as the 415 documents). :explain (a slow Grad-CAM per call)
@@ -279,6 +279,6 @@ def test_schemathesis_finds_nothing_in_openapi_json(served):
     run = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{served.url}/openapi.json",
                           "--phases", "examples,coverage", "--max-examples", "20", "--seed", "1", "--checks", "all",
                           "--exclude-checks", "positive_data_acceptance", "--exclude-path-regex", ":explain|/classify/jobs",
-                          "--no-color"], capture_output=True, text=True, timeout=600)
+                          "--no-color"], capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache dir there
     assert run.returncode == 0, run.stdout[-6000:]
     assert " passed" in run.stdout and "failures" not in run.stdout.split("Test cases:")[-1], run.stdout[-3000:]
