@@ -9,6 +9,8 @@ import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
+from predictor.network import CLASSES
+
 from .conftest import MODEL_NAME, Server, free_port
 
 
@@ -317,3 +319,38 @@ def test_bytes_are_the_files_and_requested_outputs_are_honoured(grpc_server, cif
     reply = grpc_server.stub.ModelInfer(pixels, timeout=30)
     assert [o.name for o in reply.outputs] == ["probabilities", "label"] and len(reply.raw_output_contents) == 2
     assert len(reply.raw_output_contents[0]) == 2 * 10 * 4
+
+
+def test_sigterm_lets_an_admitted_grpc_call_finish(heavy_request, cifar_jpegs):
+    import concurrent.futures
+    import signal
+
+    from .test_hardening import wait_until
+
+    srv = start("--rate_limit_per_minute", "0", "--drain_timeout_s", "30", "--max_in_flight", "1")
+    try:
+        jpeg = cifar_jpegs["cat_0000.jpg"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            for _ in range(10):
+                heavy = pool.submit(srv.stub.ModelInfer, heavy_request, timeout=60)
+                # Served until the heavy call is admitted, then refused as over the in-flight limit.
+                while (probe := srv.client.post("/classify/image", files={"file": jpeg})).status_code == 200:
+                    if heavy.done():
+                        break
+                if probe.status_code == 503:
+                    break
+                heavy.exception()  # refused itself because a probe was in flight: send it again
+            assert probe.status_code == 503 and probe.json()["error"]["code"] == "overloaded", "never counted in flight"
+            srv.process.send_signal(signal.SIGTERM)
+            admitted = wait_until(lambda: re.search(r"draining; readiness is now 503, (\d+) admitted", srv.log()), 30,
+                                  "the drain log line")
+            assert admitted.group(1) == "1"
+            reply = heavy.result()  # the admitted gRPC call completes during the drain
+            labels = [label.decode() for label in reply.outputs[1].contents.bytes_contents]
+            assert len(labels) == 12 and set(labels) <= set(CLASSES), labels
+        srv.process.wait(40)
+        log = srv.log()
+        assert log.index("drain: no admitted request left") < log.index("Stopping the grpc server"), log[-3000:]
+        assert srv.process.returncode == 0
+    finally:
+        stop(srv)
