@@ -39,7 +39,7 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     # The gRPC server (predictor.grpc_server) admits its calls through these same gates and buckets.
     model.gates = Gates.build(settings, drain)
     limiter = model.gates.limiter
-    app.add_middleware(RequestGuard, gates=model.gates, version=model.version)
+    app.add_middleware(RequestGuard, gates=model.gates, version=model.version, router=app.router)
 
     openapi.describe(app)  # what the server answers: errors per route, media types, no refused routes
 

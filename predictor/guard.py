@@ -15,6 +15,8 @@ import re
 import time
 import zlib
 
+from starlette.routing import Match
+
 from . import metrics
 from .config import Settings
 from .drain import Drain
@@ -33,6 +35,8 @@ _PREDICTION_PATHS = (
     (re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?/infer$"), "v2_infer"),
 )
 
+
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 # Readiness answers 503 while draining, so Kubernetes stops routing here.
 _READINESS_PATH = re.compile(r"^/health$|^/v2/health/ready$|^/v2/models/[^/]+(?:/versions/[^/]+)?/ready$|^/v1/models/[^/:]+$")
@@ -105,9 +109,10 @@ class RequestGuard:
     `gates` holds the settings, the drain (the in-flight count this guard keeps) and the limiter.
     """
 
-    def __init__(self, asgi_app, gates: "Gates", version: str | None = None):
+    def __init__(self, asgi_app, gates: "Gates", version: str | None = None, router=None):
         self.app = asgi_app
         self.gates = gates
+        self.router = router  # the app's routes (KServe's included once the server starts): for 405s' Allow
         # The one model version served (metadata's `versions`): its /versions/<version>/... paths are the
         # unversioned ones, which KServe (no versioning) serves; any other version stays a 404.
         self.versioned = re.compile(rf"^(/v2/models/[^/]+)/versions/{re.escape(version)}(/infer|/ready)?$") if version else None
@@ -129,6 +134,7 @@ class RequestGuard:
         if scope["method"] == "HEAD":
             # RFC 9110: HEAD wherever GET works, with GET's headers and no body.
             return await self.app({**scope, "method": "GET"}, receive, _without_body(send))
+        send = self._allow_every_method(scope, send)
         settings = self.settings
         if self.drain.draining and _READINESS_PATH.match(scope["path"]):
             return await error_response(503, "shutting_down", "This replica is shutting down.")(scope, receive, send)
@@ -214,6 +220,22 @@ class RequestGuard:
             await exc.response()(scope, receive, send)
         finally:
             self.drain.in_flight -= 1
+
+    def _allow_every_method(self, scope, send):
+        """A 405's Allow lists every method the path has: Starlette names only the first route whose path
+        matches (`OPTIONS /classify/jobs/{id}` said `Allow: GET` while DELETE is served too)."""
+        async def send_with_allow(message):
+            if message["type"] == "http.response.start" and message["status"] == 405 and self.router is not None:
+                # Asked of each route (an included router answers for its own) per method, as routing would.
+                methods = {method for method in _METHODS
+                           if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in self.router.routes)}
+                if methods:
+                    allow = ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+                    message = {**message, "headers": [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                               + [(b"allow", allow.encode())]}
+            await send(message)
+
+        return send_with_allow
 
     @staticmethod
     async def _decoded(scope, encoding: bytes, receive, limit: int):

@@ -282,3 +282,10 @@ def test_schemathesis_finds_nothing_in_openapi_json(served, tmp_path):
                           "--no-color"], capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache dir there
     assert run.returncode == 0, run.stdout[-6000:]
     assert " passed" in run.stdout and "failures" not in run.stdout.split("Test cases:")[-1], run.stdout[-3000:]
+
+
+def test_a_405_allows_every_method_the_path_has(served):
+    response = served.client.options("/classify/jobs/some-job")
+    assert response.status_code == 405 and set(response.headers["allow"].split(", ")) == {"GET", "HEAD", "DELETE"}, response.headers
+    response = served.client.put("/health")
+    assert response.status_code == 405 and set(response.headers["allow"].split(", ")) == {"GET", "HEAD"}
