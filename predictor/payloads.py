@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import struct
 from datetime import datetime, timezone
 
 import numpy as np
@@ -79,6 +80,9 @@ def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None
             items = list(tensor.as_numpy().reshape(-1)) if len(shape) == 1 else []
         except (ValueError, TypeError):
             items = []
+        except struct.error:  # raw BYTES (gRPC, binary extension): a 4-byte length prefix runs past the data
+            raise ApiError(400, "invalid_tensor", f"BYTES data of {tensor.name!r} is malformed: an element's length "
+                                                  "prefix runs past the data.") from None
         if len(items) != count or count < 1:
             raise ApiError(400, "invalid_shape", f"BYTES input must have shape [N] with N >= 1 images, got shape {shape}.")
         return [item if isinstance(item, bytes) else b64decode(item, f"{tensor.name}[{i}]")

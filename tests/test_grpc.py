@@ -286,6 +286,8 @@ BAD_REQUESTS = {
     "shape-mismatch": (dict(inputs=[tensor("image", "BYTES", [2], bytes_contents=[b"x"])]),
                        grpc.StatusCode.INVALID_ARGUMENT, "BYTES input must have shape [N]"),
     "no-inputs": (dict(), grpc.StatusCode.INVALID_ARGUMENT, "Expected exactly one input"),
+    "raw-bytes-bad-length": (dict(inputs=[tensor("image", "BYTES", [1])], raw_input_contents=[b"\xff\xff\xff\x7fab"]),
+                             grpc.StatusCode.INVALID_ARGUMENT, "length prefix runs past the data"),
     "unknown-output": (dict(inputs=[tensor("image", "BYTES", [1], bytes_contents=[b"x"])],
                             outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="logits")]),
                        grpc.StatusCode.INVALID_ARGUMENT, "Unknown output 'logits'"),
