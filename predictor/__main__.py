@@ -36,6 +36,7 @@ from .app import install  # noqa: E402
 from .config import build_parser, settings_from  # noqa: E402
 from .drain import Drain  # noqa: E402
 from .engine import EngineError  # noqa: E402
+from .grpc_server import use_guarded_grpc  # noqa: E402
 from .model import Cifar10Classifier  # noqa: E402
 from .security import serve_without_proxy_headers  # noqa: E402
 from .weights import WeightsError  # noqa: E402
@@ -73,6 +74,7 @@ def main() -> None:
              if settings.rate_limit_per_minute else "off",
              settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
     serve_without_proxy_headers()  # the client address is decided in one place: predictor.security
+    use_guarded_grpc()
     if args.workers > 1:
         use_patient_workers()  # each worker process installs the app itself
     else:

@@ -12,14 +12,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import metrics
+from . import metrics, openapi
 from .demo import build_ui_router
 from .error_handlers import install_error_handlers
 from .explain import build_explain_router
-from .guard import RequestGuard
+from .guard import Gates, RequestGuard
 from .model import Cifar10Classifier
+from .protocols import omit_unset_optional_fields
 from .routes import build_router
-from .security import RateLimiter
 from .shared_state import build_cache, build_jobs
 
 log = logging.getLogger("predictor")
@@ -39,9 +39,13 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     # request's Host header, which the client chose.
     app.router.redirect_slashes = False
     install_error_handlers(app)
-    limiter = RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute > 0 else None
-    read_limiter = RateLimiter(settings.job_reads_per_minute) if settings.job_reads_per_minute > 0 else None
-    app.add_middleware(RequestGuard, settings=settings, drain=drain, limiter=limiter, read_limiter=read_limiter)
+    omit_unset_optional_fields()
+    # The gRPC server (predictor.grpc_server) admits its calls through these same gates and buckets.
+    model.gates = Gates.build(settings, drain)
+    limiter = model.gates.limiter
+    app.add_middleware(RequestGuard, gates=model.gates, version=model.version, router=app.router)
+
+    openapi.describe(app)  # what the server answers: errors per route, media types, no refused routes
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

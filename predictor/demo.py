@@ -3,8 +3,8 @@
 import html
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from .errors import ApiError
 from .model import Cifar10Classifier
@@ -21,13 +21,25 @@ _HEADERS = {
 _ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 
 
+def wants_page(request: Request) -> bool:
+    """A browser (Accept names text/html) gets the page at `/`; any other caller KServe's liveness JSON there,
+    which KServe's v1 client (`is_server_live`) reads."""
+    return "text/html" in request.headers.get("accept", "")
+
+
+_ALIVE = {"status": "alive"}
+
+
 def build_ui_router(model: Cifar10Classifier) -> APIRouter:
-    """`GET /` (the page, for `model`'s name) and `/ui/{asset}`; with `--ui false`, `GET /` is a JSON 404."""
+    """`GET /` (the page, for `model`'s name, to browsers) and `/ui/{asset}`; with `--ui false`, a browser
+    gets a JSON 404 at `/`."""
     router = APIRouter(include_in_schema=False)
     if not model.settings.ui:
         @router.get("/")
-        async def no_page():
-            # Registered anyway, so that KServe's own `/` (a liveness answer) does not stand in for the page.
+        async def no_page(request: Request):
+            # Registered anyway, so that KServe's own `/` does not stand in for the page.
+            if not wants_page(request):
+                return JSONResponse(_ALIVE, headers={"Vary": "Accept"})
             raise ApiError(404, "not_found", "The demo page is turned off on this server (--ui false).")
 
         return router
@@ -36,8 +48,10 @@ def build_ui_router(model: Cifar10Classifier) -> APIRouter:
     assets = {name: (UI_DIR / name).read_bytes() for name in _ASSETS}
 
     @router.get("/")
-    async def demo_page():
-        return Response(page, media_type="text/html; charset=utf-8", headers=_HEADERS)
+    async def demo_page(request: Request):
+        if not wants_page(request):
+            return JSONResponse(_ALIVE, headers={"Vary": "Accept"})
+        return Response(page, media_type="text/html; charset=utf-8", headers={**_HEADERS, "Vary": "Accept"})
 
     @router.get("/ui/{asset}")
     async def demo_asset(asset: str):

@@ -1,4 +1,7 @@
-"""The one error type every request path raises, rendered as {"error": {"code", "message"}}."""
+"""The one error type every request path raises, rendered as {"error": {"code", "message"}}; on the
+Open Inference Protocol's routes (/v2/...) as the protocol's {"error": "<message>"}, the code beside it."""
+
+from contextvars import ContextVar
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
@@ -32,6 +35,12 @@ def overloaded(reason: str) -> ApiError:
     return ApiError(503, "overloaded", f"{reason}; retry shortly.", {"Retry-After": "1"})
 
 
+# Set by the guard for each request: True on the OIP routes, whose clients (tritonclient, KServe's
+# InferenceRESTClient) read `error` as a string.
+OIP_ERRORS: ContextVar[bool] = ContextVar("oip_errors", default=False)
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """The error format as a response (an ASGI app too, for middleware that answers before routing)."""
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    body = {"error": message, "code": code} if OIP_ERRORS.get() else {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)

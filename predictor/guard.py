@@ -14,11 +14,14 @@ with a rate limit of its own (polling must not eat the caller's prediction budge
 import asyncio
 import re
 import time
+import zlib
+
+from starlette.routing import Match
 
 from . import metrics
 from .config import Settings
 from .drain import Drain
-from .errors import ApiError, error_response, overloaded
+from .errors import OIP_ERRORS, ApiError, error_response, overloaded
 from .payloads import v2_binary_framing_error
 from .security import RateLimiter, caller_identity, key_id, presented_key
 
@@ -38,6 +41,7 @@ _PREDICTION_PATHS = (
 _JOB_PATH = re.compile(r"^/classify/jobs/[^/]+$")
 JOB_READ_ENDPOINT = "job_status"
 
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 # Readiness answers 503 while draining, so Kubernetes stops routing here.
 _READINESS_PATH = re.compile(r"^/health$|^/v2/health/ready$|^/v2/models/[^/]+(?:/versions/[^/]+)?/ready$|^/v1/models/[^/:]+$")
@@ -56,24 +60,95 @@ def prediction_endpoint(method: str, path: str) -> str | None:
     return None
 
 
-class RequestGuard:
-    """Pure-ASGI middleware applying the checks above to the prediction routes.
+class Gates:
+    """The admission gates of a prediction call, whatever carries it (the HTTP guard below, the gRPC
+    interceptor in predictor.grpc_server): one implementation, one set of rate-limit buckets and one
+    in-flight count per process.
 
     `limiter` is None when the rate limit is off; `drain` is the process's shutdown state and
-    in-flight count, which this guard keeps.
+    in-flight count, which the callers of `refusal` keep.
     """
 
-    def __init__(self, asgi_app, settings: Settings, drain: Drain, limiter: RateLimiter | None,
+    def __init__(self, settings: Settings, drain: Drain, limiter: RateLimiter | None,
                  read_limiter: RateLimiter | None = None):
-        self.app = asgi_app
         self.settings = settings
         self.drain = drain
         self.limiter = limiter
         self.read_limiter = read_limiter  # job reads (JOB_READ_ENDPOINT)
 
+    @classmethod
+    def build(cls, settings: Settings, drain: Drain) -> "Gates":
+        def limiter(per_minute: int) -> RateLimiter | None:
+            return RateLimiter(per_minute) if per_minute > 0 else None
+
+        return cls(settings, drain, limiter(settings.rate_limit_per_minute), limiter(settings.job_reads_per_minute))
+
+    def refusal(self, scope: dict, extra_headers: list, job_read: bool = False) -> ApiError | None:
+        """The error of a call that must not proceed (draining, no key, over its rate, replica saturated), else
+        None. `scope` needs `headers` (lower-case byte pairs) and `client`; the admitted caller is recorded
+        in its `state`; the rate-limit headers of an admitted call are appended to `extra_headers`. A job
+        read (`job_read`) spends the read budget instead of the prediction one."""
+        settings = self.settings
+        limiter = self.read_limiter if job_read else self.limiter
+        if self.drain.draining:
+            return ApiError(503, "shutting_down", "This replica is shutting down; retry on another.",
+                            {"Retry-After": "1", "Connection": "close"})
+        headers = dict(scope["headers"])
+        key = presented_key(headers)
+        if settings.api_keys.enabled and not settings.api_keys.accepts(key):
+            message = "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+            return ApiError(401, "unauthorized", message if key is None else "The API key is not valid.",
+                            {"WWW-Authenticate": "Bearer"})
+        key = key if settings.api_keys.enabled else None
+        identity = caller_identity(scope, key, settings.trusted_proxy_hops)
+        scope.setdefault("state", {}).update(caller=identity, api_key_id=key_id(key) if key is not None else None)
+        if limiter is not None:
+            decision = limiter.check(identity)
+            extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
+                                 if k != "Retry-After")
+            if not decision.allowed:
+                return ApiError(429, "rate_limited",
+                                f"More than {decision.limit} requests per minute; retry in {decision.retry_after_s} s.",
+                                {"Retry-After": str(decision.retry_after_s)})
+        if self.drain.in_flight >= settings.max_in_flight:
+            # Refused before the body is read or FastAPI runs: far above saturation a refusal must
+            # cost much less than a served call, or the refusals themselves swamp the event loop.
+            return overloaded(f"{self.drain.in_flight} calls are already in flight (limit {settings.max_in_flight})")
+        return None
+
+
+class RequestGuard:
+    """Pure-ASGI middleware applying the checks above to the prediction routes.
+
+    `gates` holds the settings, the drain (the in-flight count this guard keeps) and the limiter.
+    """
+
+    def __init__(self, asgi_app, gates: "Gates", version: str | None = None, router=None):
+        self.app = asgi_app
+        self.gates = gates
+        self.router = router  # the app's routes (KServe's included once the server starts): for 405s' Allow
+        # The one model version served (metadata's `versions`): its /versions/<version>/... paths are the
+        # unversioned ones, which KServe (no versioning) serves; any other version stays a 404.
+        self.versioned = re.compile(rf"^(/v2/models/[^/]+)/versions/{re.escape(version)}(/infer|/ready)?$") if version else None
+        self.settings = gates.settings
+        self.drain = gates.drain
+        self.limiter = gates.limiter
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        OIP_ERRORS.set(scope["path"].startswith("/v2/"))
+        if self.versioned is not None and (served := self.versioned.match(scope["path"])):
+            path = served.group(1) + (served.group(2) or "")
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        if scope["method"] != "POST" and prediction_endpoint("POST", scope["path"]) in ("v1_predict", "explain"):
+            # Otherwise `GET /v1/models/x:predict` reaches the model-readiness route as model "x:predict".
+            return await error_response(405, "method_not_allowed", f"{scope['method']} is not allowed here; use POST.",
+                                        {"Allow": "POST"})(scope, receive, send)
+        if scope["method"] == "HEAD":
+            # RFC 9110: HEAD wherever GET works, with GET's headers and no body.
+            return await self.app({**scope, "method": "GET"}, receive, _without_body(send))
+        send = self._allow_every_method(scope, send)
         settings = self.settings
         if self.drain.draining and _READINESS_PATH.match(scope["path"]):
             return await error_response(503, "shutting_down", "This replica is shutting down.")(scope, receive, send)
@@ -83,6 +158,8 @@ class RequestGuard:
             return await error_response(404, "not_found", "The model repository API is not served by this predictor.")(
                 scope, receive, send)
         endpoint = prediction_endpoint(scope["method"], scope["path"])
+        if endpoint == "v2_infer":
+            _json_unless_binary(scope)
         if endpoint is None:
             return await self._other(scope, receive, send, settings.max_body_bytes)
         started = time.perf_counter()
@@ -99,8 +176,8 @@ class RequestGuard:
             await send(message)
 
         try:
-            refusal = self._refusal(scope, settings, extra_headers,
-                                    self.read_limiter if endpoint == JOB_READ_ENDPOINT else self.limiter)
+            refused = self.gates.refusal(scope, extra_headers, job_read=endpoint == JOB_READ_ENDPOINT)
+            refusal = refused.response() if refused is not None else None
             if refusal is None:
                 refusal = self._declared_too_large(scope, body_limit)
             if refusal is not None:
@@ -140,6 +217,9 @@ class RequestGuard:
         try:
             async with asyncio.timeout(timeout_s):
                 receive = self._counting(receive, body_limit)
+                encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").strip().lower()
+                if encoding != b"identity":
+                    receive = await self._decoded(scope, encoding, receive, body_limit)
                 header_length = dict(scope["headers"]).get(b"inference-header-content-length")
                 if header_length is not None:
                     receive = await self._screen_v2_binary(header_length, receive)
@@ -156,33 +236,49 @@ class RequestGuard:
         finally:
             self.drain.in_flight -= 1
 
-    def _refusal(self, scope, settings, extra_headers: list, limiter: RateLimiter | None) -> object | None:
-        """A response for a call that must not proceed (draining, no key, over its rate, replica saturated), else None."""
-        if self.drain.draining:
-            return error_response(503, "shutting_down", "This replica is shutting down; retry on another.",
-                                  {"Retry-After": "1", "Connection": "close"})
-        headers = dict(scope["headers"])
-        key = presented_key(headers)
-        if settings.api_keys.enabled and not settings.api_keys.accepts(key):
-            message = "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
-            return error_response(401, "unauthorized", message if key is None else "The API key is not valid.",
-                                  {"WWW-Authenticate": "Bearer"})
-        key = key if settings.api_keys.enabled else None
-        identity = caller_identity(scope, key, settings.trusted_proxy_hops)
-        scope.setdefault("state", {}).update(caller=identity, api_key_id=key_id(key) if key is not None else None)
-        if limiter is not None:
-            decision = limiter.check(identity)
-            extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
-                                 if k != "Retry-After")
-            if not decision.allowed:
-                return error_response(429, "rate_limited",
-                                      f"More than {decision.limit} requests per minute; retry in {decision.retry_after_s} s.",
-                                      {"Retry-After": str(decision.retry_after_s)})
-        if self.drain.in_flight >= settings.max_in_flight:
-            # Refused before the body is read or FastAPI runs: far above saturation a refusal must
-            # cost much less than a served call, or the refusals themselves swamp the event loop.
-            return overloaded(f"{self.drain.in_flight} calls are already in flight (limit {settings.max_in_flight})").response()
-        return None
+    def _allow_every_method(self, scope, send):
+        """A 405's Allow lists every method the path has: Starlette names only the first route whose path
+        matches (`OPTIONS /classify/jobs/{id}` said `Allow: GET` while DELETE is served too)."""
+        async def send_with_allow(message):
+            if message["type"] == "http.response.start" and message["status"] == 405 and self.router is not None:
+                # Asked of each route (an included router answers for its own) per method, as routing would.
+                methods = {method for method in _METHODS
+                           if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in self.router.routes)}
+                if methods:
+                    allow = ", ".join(sorted(methods | ({"HEAD"} if "GET" in methods else set())))
+                    message = {**message, "headers": [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                               + [(b"allow", allow.encode())]}
+            await send(message)
+
+        return send_with_allow
+
+    @staticmethod
+    async def _decoded(scope, encoding: bytes, receive, limit: int):
+        """The body of a gzip- or deflate-encoded call (tritonclient's request compression), decoded as it
+        arrives, with the size limit applied to the decoded bytes too (a small bomb is a 413 like a large
+        body); the app then sees a plain body. Any other coding: 415, rather than bytes it cannot read."""
+        if encoding not in (b"gzip", b"x-gzip", b"deflate"):
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; send gzip, deflate or none.")
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding != b"deflate" else zlib.MAX_WBITS)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                raise ApiError(400, "invalid_request", "The request body ended before it was complete.")
+            try:
+                chunk = decoder.decompress(message.get("body", b""), limit + 1 - size)
+            except zlib.error:
+                raise ApiError(400, "invalid_request", f"The request body is not valid {encoding.decode()} data.") from None
+            size += len(chunk)
+            if size > limit or decoder.unconsumed_tail:
+                raise ApiError(413, "payload_too_large", f"The decoded request body exceeds the limit of {limit} bytes.")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        if not decoder.eof:
+            raise ApiError(400, "invalid_request", f"The {encoding.decode()} request body is truncated.")
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
+        return _replay(b"".join(chunks))
 
     @staticmethod
     def _declared_too_large(scope, limit: int):
@@ -228,10 +324,34 @@ class RequestGuard:
         problem = v2_binary_framing_error(header_length, body)
         if problem is not None:
             raise problem
+        return _replay(body)
 
-        async def replay():
-            nonlocal body
-            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-            return message
 
-        return replay
+def _without_body(send):
+    async def headers_only(message):
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headers_only
+
+
+def _replay(body: bytes):
+    """A receive that hands the app `body`, already read, as one message."""
+    async def replay():
+        nonlocal body
+        message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+        return message
+
+    return replay
+
+
+def _json_unless_binary(scope) -> None:
+    """The OIP binary-data extension: without Inference-Header-Content-Length the whole body is JSON. Such a
+    body with no Content-Type (tritonclient sends none) or application/octet-stream is given application/json,
+    so KServe parses it as JSON rather than refusing it as binary data without its header."""
+    headers = dict(scope["headers"])
+    if b"inference-header-content-length" in headers:
+        return
+    if headers.get(b"content-type", b"").split(b";")[0].strip().lower() in (b"", b"application/octet-stream"):
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [(b"content-type", b"application/json")]

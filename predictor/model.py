@@ -173,6 +173,11 @@ class Cifar10Classifier(kserve.Model):
         return list(await asyncio.gather(*(one(f) for f in files)))
 
     @property
+    def platform(self) -> str:
+        """The OIP `platform` of what serves the forward pass (Triton's names where they apply)."""
+        return "onnxruntime_onnx" if self.runner is not None and self.runner.name == "onnxruntime" else "pytorch"
+
+    @property
     def metadata(self) -> dict:
         runner = self.runner
         return {"name": self.name, "version": self.version, "classes": list(CLASSES),

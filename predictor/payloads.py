@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import struct
 from datetime import datetime, timezone
 
 import numpy as np
@@ -14,14 +15,18 @@ from .network import CLASSES, IMAGE_SIZE
 PIXELS_SHAPE = [-1, IMAGE_SIZE, IMAGE_SIZE, 3]
 V2_INPUTS = [
     {"name": "image", "datatype": "BYTES", "shape": [-1],
-     "parameters": {"content": "base64-encoded JPEG or PNG, one per element (JSON only)"}},
+     "parameters": {"content": "a JPEG or PNG file per element: base64 in JSON, the file's bytes over gRPC"}},
     {"name": "pixels", "datatype": "UINT8", "shape": PIXELS_SHAPE,
-     "parameters": {"content": "RGB images, HWC, already 32x32 (JSON or binary-data extension)"}},
+     "parameters": {"content": "RGB images, HWC, already 32x32 (JSON, binary-data extension or gRPC)"}},
 ]
 V2_OUTPUTS = [
     {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(CLASSES)]},
     {"name": "label", "datatype": "BYTES", "shape": [-1]},
 ]
+V2_OUTPUT_NAMES = tuple(o["name"] for o in V2_OUTPUTS)
+# What `GET /v2` and gRPC ServerMetadata advertise: the binary-data extension of v2 REST is served; the
+# model repository extension is not (a 404 over HTTP, UNIMPLEMENTED over gRPC).
+SERVER_EXTENSIONS = ["binary_tensor_data"]
 
 
 def b64decode(text: object, where: str) -> bytes:
@@ -59,6 +64,9 @@ def v1_instances(body: dict, max_images: int) -> list[bytes]:
 
 def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None, np.ndarray | None]:
     """The single v2 input -> (encoded images, None) for BYTES or (None, pixels [N,32,32,3]) for UINT8."""
+    unknown = [o.name for o in request.request_outputs or () if o.name not in V2_OUTPUT_NAMES]
+    if unknown:
+        raise ApiError(400, "unknown_output", f"Unknown output {unknown[0]!r}; the outputs are {', '.join(V2_OUTPUT_NAMES)}.")
     if len(request.inputs) != 1:
         raise ApiError(400, "invalid_request", f"Expected exactly one input ('image' BYTES or 'pixels' UINT8), got {len(request.inputs)}.")
     tensor: InferInput = request.inputs[0]
@@ -72,8 +80,11 @@ def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None
             items = list(tensor.as_numpy().reshape(-1)) if len(shape) == 1 else []
         except (ValueError, TypeError):
             items = []
+        except struct.error:  # raw BYTES (gRPC, binary extension): a 4-byte length prefix runs past the data
+            raise ApiError(400, "invalid_tensor", f"BYTES data of {tensor.name!r} is malformed: an element's length "
+                                                  "prefix runs past the data.") from None
         if len(items) != count or count < 1:
-            raise ApiError(400, "invalid_shape", f"BYTES input must have shape [N] with N >= 1 base64 strings, got shape {shape}.")
+            raise ApiError(400, "invalid_shape", f"BYTES input must have shape [N] with N >= 1 images, got shape {shape}.")
         return [item if isinstance(item, bytes) else b64decode(item, f"{tensor.name}[{i}]")
                 for i, item in enumerate(items)], None
     if tensor.datatype == "UINT8":
@@ -84,7 +95,7 @@ def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None
         except (ValueError, TypeError, OverflowError) as exc:
             raise ApiError(400, "invalid_tensor", f"UINT8 data does not match shape {shape}: {exc}") from None
         return None, np.ascontiguousarray(pixels, dtype=np.uint8)
-    raise ApiError(400, "unsupported_datatype", f"Input datatype {tensor.datatype} is not accepted; use BYTES (base64 images) or UINT8 [N,32,32,3].")
+    raise ApiError(400, "unsupported_datatype", f"Input datatype {tensor.datatype} is not accepted; use BYTES (JPEG or PNG files; base64 in JSON) or UINT8 [N,32,32,3].")
 
 
 def classification(probabilities: np.ndarray, top_k: int | None = None) -> dict:
@@ -106,6 +117,8 @@ def timestamp() -> str:
 
 
 def v2_response(request: InferRequest, model_name: str, version: str, probabilities: np.ndarray) -> InferResponse:
+    """The outputs the request asked for (`outputs`; none named: both), each in binary form over REST when
+    its `binary_data` (or the request's `binary_data_output`) says so."""
     labels = np.array([CLASSES[i] for i in probabilities.argmax(1)], dtype=np.object_)
     outputs = [
         InferOutput("probabilities", list(probabilities.shape), "FP32"),
@@ -113,7 +126,12 @@ def v2_response(request: InferRequest, model_name: str, version: str, probabilit
     ]
     outputs[0].set_data_from_numpy(probabilities.astype(np.float32), binary_data=False)
     outputs[1].set_data_from_numpy(labels, binary_data=False)
-    return InferResponse(response_id=request.id, model_name=model_name, model_version=version, infer_outputs=outputs)
+    requested = request.request_outputs or None
+    if requested:
+        by_name = {o.name: o for o in outputs}
+        outputs = [by_name[r.name] for r in requested]
+    return InferResponse(response_id=request.id, model_name=model_name, model_version=version, infer_outputs=outputs,
+                         requested_outputs=requested, use_binary_outputs=request.use_binary_outputs)
 
 
 # Bytes per element of the fixed-size v2 datatypes (BYTES elements carry their own lengths).

@@ -99,3 +99,27 @@ class Prepared:
     source: object
     slots: Slots
     logits: Slots = field(default_factory=list)
+
+
+def omit_unset_optional_fields() -> None:
+    """KServe's v2 REST answers carry `"parameters": null` (top level and per output), which the OIP
+    schema forbids (`parameters` is an object when present): serve its InferenceResponse without them.
+    Called in every serving process (predictor.app.install); idempotent."""
+    from kserve.protocol.rest import v2_endpoints
+    from typing import ClassVar
+
+    from pydantic import model_serializer
+
+    if getattr(v2_endpoints.InferenceResponse, "omits_unset", False):
+        return
+
+    class InferenceResponse(v2_endpoints.InferenceResponse):
+        omits_unset: ClassVar[bool] = True
+
+        @model_serializer(mode="wrap")
+        def _without_nulls(self, handler):
+            body = {k: v for k, v in handler(self).items() if k != "parameters" or v is not None}
+            body["outputs"] = [{k: v for k, v in o.items() if k != "parameters" or v is not None} for o in body["outputs"]]
+            return body
+
+    v2_endpoints.InferenceResponse = InferenceResponse

@@ -4,13 +4,15 @@
 KServe's own, so `/health` and `/metrics` here win over KServe's.
 """
 
+from importlib import metadata as package_metadata
+
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
 from . import metrics
 from .cache import CachedClassifier
 from .errors import ApiError, error_response
 from .model import Cifar10Classifier
-from .payloads import timestamp
+from .payloads import SERVER_EXTENSIONS, timestamp
 
 
 def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRouter:
@@ -57,8 +59,13 @@ def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRoute
             raise ApiError(404, "model_not_found", f"Model with name {model_name} does not exist.")
         if model_version:
             raise ApiError(404, "not_supported", "Model versions are not served: this predictor serves one unversioned model.")
-        return {"name": model.name, "versions": [model.version], "platform": "pytorch",
+        return {"name": model.name, "versions": [model.version], "platform": model.platform,
                 "inputs": model.get_input_types(), "outputs": model.get_output_types(), "parameters": model.metadata}
+
+    @router.get("/v2", tags=["V2"], summary="Server metadata (v2)")
+    async def v2_server_metadata():
+        """KServe's, with the extensions this server really serves (the repository API is not)."""
+        return {"name": "kserve", "version": package_metadata.version("kserve"), "extensions": SERVER_EXTENSIONS}
 
     @router.get("/health", tags=["health"], summary="Model loaded and a forward pass succeeded")
     async def health():

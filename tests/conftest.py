@@ -34,6 +34,23 @@ def read_http_response(sock: socket.socket) -> tuple[int, bytes, bytes]:
     return int(head.split()[1]), head, body
 
 
+def error_fields(body: object, path: str | None = None) -> tuple[str, str]:
+    """(code, message) of an error body: {"error": {"code", "message"}}, or on the Open Inference
+    Protocol's /v2/ routes {"error": "<message>", "code": "<code>"} (OIP's `error` is a string). With
+    `path`, the form must be the one of that path; without, either form is accepted."""
+    assert isinstance(body, dict), body
+    oip = isinstance(body.get("error"), str) if path is None else path.startswith("/v2/")
+    if oip:
+        assert set(body) == {"error", "code"} and isinstance(body["error"], str) and isinstance(body["code"], str), body
+        code, message = body["code"], body["error"]
+    else:
+        assert set(body) == {"error"} and isinstance(body["error"], dict), body
+        assert set(body["error"]) == {"code", "message"}, body
+        code, message = body["error"]["code"], body["error"]["message"]
+    assert isinstance(code, str) and code and isinstance(message, str) and message, body
+    return code, message
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -190,7 +190,7 @@ def test_metrics_have_the_seed_names(pod):
 def test_the_demo_page_and_explanations_ship_in_the_image(pod):
     """The page and its assets are package data of the image's install; Grad-CAM runs on its
     read-only root filesystem."""
-    page = pod.client.get("/")
+    page = pod.client.get("/", headers={"Accept": "text/html"})
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text[:200]
     for asset in re.findall(r'(?:src|href)="(/ui/[^"]+)"', page.text):
         assert pod.client.get(asset).status_code == 200, asset

@@ -152,10 +152,15 @@ def test_page_is_keyboard_reachable_and_fits_a_phone(keyed_server, browser):
         browser.set_window_size(1200, 900)
 
 
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
 def test_page_and_assets_are_served_with_a_strict_policy(keyed_server):
     client = keyed_server.client
-    page = client.get("/")  # the page itself needs no key; the API calls it makes do
+    page = client.get("/", headers=BROWSER)  # the page itself needs no key; the API calls it makes do
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    # Any other caller (KServe's v1 client checking liveness) gets KServe's JSON there.
+    assert client.get("/").json() == {"status": "alive"} and client.get("/").headers["vary"] == "Accept"
     assert "default-src 'self'" in page.headers["content-security-policy"]
     assert '<meta name="model-name" content="cifar10-resnet18">' in page.text
     for asset, kind in (("/ui/app.js", "text/javascript"), ("/ui/style.css", "text/css")):
@@ -167,7 +172,8 @@ def test_page_and_assets_are_served_with_a_strict_policy(keyed_server):
 def test_ui_false_turns_the_page_off():
     srv = Server("--ui", "false")
     try:
-        assert_error(srv.client.get("/"), 404, "not_found")
+        assert_error(srv.client.get("/", headers=BROWSER), 404, "not_found")
+        assert srv.client.get("/").json() == {"status": "alive"}
         assert_error(srv.client.get("/ui/app.js"), 404)
     finally:
         srv.stop()
