@@ -147,12 +147,22 @@ def test_every_probe_path_answers_200_on_the_container_port(deployed):
 
 def test_every_routed_path_is_served(deployed):
     """Each path the route exposes answers on the predictor: the form endpoints and KServe's v1/v2
-    classify an image, health and docs answer a GET (nothing else is routed: test_deploy_cluster)."""
+    classify an image, health and docs answer a GET, a job is submitted and its status URL (the route's
+    one pattern) read (nothing else is routed: test_deploy_cluster)."""
     route = one(deployed.objects, "VirtualService")
-    paths = [m["uri"]["exact"] for m in route["spec"]["http"][0]["match"]]
-    assert "/classify/image" in paths
+    matches = [m["uri"] for m in route["spec"]["http"][0]["match"]]
+    paths = [m["exact"] for m in matches if "exact" in m]
+    patterns = [re.compile(m["regex"]) for m in matches if "regex" in m]
+    assert "/classify/image" in paths and len(paths) + len(patterns) == len(matches)
     image = (IMAGES / "cat_0000.jpg").read_bytes()
     for path in paths:
+        if path == "/classify/jobs":
+            response = deployed.client.post(path, files=[("files", ("cat.jpg", image, "image/jpeg"))])
+            assert response.status_code == 202, (path, response.text)
+            status_url = response.json()["status_url"]
+            assert [p for p in patterns if p.match(status_url)], (status_url, patterns)
+            assert deployed.client.get(status_url).status_code == 200
+            continue
         if path in FORM_FIELDS:
             response = deployed.client.post(path, files=[(FORM_FIELDS[path], ("cat.jpg", image, "image/jpeg"))])
         elif path.endswith((":predict", ":explain")):

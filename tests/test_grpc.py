@@ -164,8 +164,9 @@ def test_without_keys_the_rate_limit_counts_the_peer_or_the_trusted_hop(cifar_jp
 
 @pytest.fixture(scope="module")
 def limited_grpc():
-    """One call in flight at a time, a 1 s deadline."""
-    srv = start("--rate_limit_per_minute", "0", "--max_in_flight", "1", "--request_timeout_s", "1")
+    """One call in flight at a time, a 1 s deadline; no result cache, or a heavy call computed once (after
+    its caller's deadline) would be answered at once the next time."""
+    srv = start("--rate_limit_per_minute", "0", "--max_in_flight", "1", "--request_timeout_s", "1", "--cache_ttl_s", "0")
     yield srv
     stop(srv)
 
