@@ -83,21 +83,26 @@ def keyed_grpc():
     stop(srv)
 
 
-def large_pngs(count: int) -> pb.ModelInferRequest:
-    """`count` 4096x4096 PNGs: small on the wire (~60 kB each), ~0.3 s each to decode on this 2-core machine."""
+def large_pngs(count: int, shade: int = 30) -> pb.ModelInferRequest:
+    """`count` 4096x4096 PNGs: small on the wire (~60 kB each), ~0.3 s each to decode on this 2-core machine.
+    Another `shade`, other bytes: never answered from the result cache."""
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (4096, 4096), (200, 30, 30)).save(buffer, "PNG")
+    Image.new("RGB", (4096, 4096), (200, shade, 30)).save(buffer, "PNG")
     return pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
         name="image", datatype="BYTES", shape=[count], contents=pb.InferTensorContents(bytes_contents=[buffer.getvalue()] * count))])
 
 
 @pytest.fixture(scope="module")
-def heavy_request() -> pb.ModelInferRequest:
-    return large_pngs(12)  # ~2 s of decoding
+def heavy_request():
+    """Makes a new heavy request at each call: 40 large PNGs, several seconds of decoding on 2 cores even on a
+    quiet machine. Each has other bytes: one computed after its caller's deadline leaves its result in the
+    cache, where the same bytes would be answered at once the next time."""
+    shades = iter(range(256))
+    return lambda: large_pngs(40, next(shades))
 
 
 def api_requests(srv: Server, code: int) -> float:
@@ -164,9 +169,8 @@ def test_without_keys_the_rate_limit_counts_the_peer_or_the_trusted_hop(cifar_jp
 
 @pytest.fixture(scope="module")
 def limited_grpc():
-    """One call in flight at a time, a 1 s deadline; no result cache, or a heavy call computed once (after
-    its caller's deadline) would be answered at once the next time."""
-    srv = start("--rate_limit_per_minute", "0", "--max_in_flight", "1", "--request_timeout_s", "1", "--cache_ttl_s", "0")
+    """One call in flight at a time, a 1 s deadline."""
+    srv = start("--rate_limit_per_minute", "0", "--max_in_flight", "1", "--request_timeout_s", "1")
     yield srv
     stop(srv)
 
@@ -180,7 +184,7 @@ def test_grpc_and_http_share_the_in_flight_limit(limited_grpc, heavy_request, ci
     jpeg = cifar_jpegs["cat_0000.jpg"]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         for _ in range(10):
-            heavy = pool.submit(grpc_error, limited_grpc.stub.ModelInfer, heavy_request, timeout=30)
+            heavy = pool.submit(grpc_error, limited_grpc.stub.ModelInfer, heavy_request(), timeout=30)
             # Until the heavy gRPC call is admitted these probes are served; then HTTP is refused. A
             # probe in flight when the heavy call arrives has it refused instead: send it again.
             while (probe := limited_grpc.client.post("/classify/image", files={"file": jpeg})).status_code == 200:
@@ -202,7 +206,7 @@ def test_grpc_and_http_share_the_in_flight_limit(limited_grpc, heavy_request, ci
 
 
 def test_our_deadline_and_the_callers_both_hold(limited_grpc, grpc_server, heavy_request):
-    error = grpc_error(limited_grpc.stub.ModelInfer, heavy_request, timeout=30)
+    error = grpc_error(limited_grpc.stub.ModelInfer, heavy_request(), timeout=30)
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert error.details() == "The request did not complete within 1 s."
     assert api_requests(limited_grpc, 504) >= 1
@@ -335,7 +339,8 @@ def test_sigterm_lets_an_admitted_grpc_call_finish(heavy_request, cifar_jpegs):
         jpeg = cifar_jpegs["cat_0000.jpg"]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             for _ in range(10):
-                heavy = pool.submit(srv.stub.ModelInfer, heavy_request, timeout=60)
+                request = heavy_request()
+                heavy = pool.submit(srv.stub.ModelInfer, request, timeout=60)
                 # Served until the heavy call is admitted, then refused as over the in-flight limit.
                 while (probe := srv.client.post("/classify/image", files={"file": jpeg})).status_code == 200:
                     if heavy.done():
@@ -350,7 +355,7 @@ def test_sigterm_lets_an_admitted_grpc_call_finish(heavy_request, cifar_jpegs):
             assert admitted.group(1) == "1"
             reply = heavy.result()  # the admitted gRPC call completes during the drain
             labels = [label.decode() for label in reply.outputs[1].contents.bytes_contents]
-            assert len(labels) == 12 and set(labels) <= set(CLASSES), labels
+            assert len(labels) == request.inputs[0].shape[0] and set(labels) <= set(CLASSES), labels
         srv.process.wait(40)
         log = srv.log()
         assert log.index("drain: no admitted request left") < log.index("Stopping the grpc server"), log[-3000:]
