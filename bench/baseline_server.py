@@ -13,7 +13,8 @@ import uvicorn
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from predictor.network import CLASSES, normalize
+from predictor.cifar import CLASSES
+from predictor.network import normalize
 from predictor.weights import PACKAGED_DIR, load_model
 
 app = FastAPI()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .imaging import decode_image
-from .network import CLASSES
+from .cifar import CLASSES
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}

@@ -23,7 +23,7 @@ from .calibration import expected_calibration_error
 from .data import list_image_folder, resolve_image_folder, stratified_split
 from .errors import ApiError
 from .model import Cifar10Classifier, ClassifyRequest, Settings
-from .network import CLASSES
+from .cifar import CLASSES
 from .weights import PACKAGED_DIR, WeightsError, read_card
 
 CHUNK = 64  # files per request: /classify/batch's default limit

@@ -1,9 +1,13 @@
 """Grad-CAM explanations and the KServe v1 `:explain` route that serves them.
 
 Grad-CAM (Selvaraju et al., 2017) on the last residual stage (`layer4`) of the fp32 network, on the
-same weights as the served engine (which may run them in int8): the class score's gradient,
-averaged over each layer4 channel, weights that channel's activation map; the positive part of the
-sum (4x4 here), min-max scaled, upsampled to the 32x32 input and scaled to 0..1, is the heat-map.
+same weights as the served engine (which may run them in int8). On this network, whose head is global
+average pooling and one linear layer, Grad-CAM is exactly CAM (Zhou et al., 2016): the class score's
+gradient with respect to a layer4 cell is that class's linear weight for the cell's channel over the
+map's area, the same for every cell, so the channel weights are the class's linear weights up to a
+positive factor that the scaling below removes. No autograd, no torch: the fp32 network on ONNX
+Runtime (predictor.reference) gives the logits and layer4's maps. The positive part of the weighted
+sum (4x4 here), min-max scaled, upsampled bilinearly to the 32x32 input and scaled to 0..1, is the heat-map.
 """
 
 import asyncio
@@ -14,16 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from fastapi import APIRouter, Query, Request
 from PIL import Image
-from torch import nn
 
 from . import payloads
+from .cifar import CLASSES, IMAGE_SIZE
 from .errors import ApiError, overloaded
 from .model import Cifar10Classifier
-from .network import CLASSES, IMAGE_SIZE, normalize
+from .reference import ReferenceNetwork
 
 OVERLAY_SCALE = 4  # the 32x32 overlay is upscaled 4x (128x128) so a person can see it
 OVERLAY_ALPHA = 0.5  # share of the heat-map's colour in the overlay
@@ -51,40 +53,36 @@ class Explanation:
         }
 
 
-def _layer4(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """torchvision ResNet's forward up to the last residual stage (the CIFAR stem's maxpool is Identity)."""
-    x = network.relu(network.bn1(network.conv1(x)))
-    x = network.maxpool(x)
-    return network.layer4(network.layer3(network.layer2(network.layer1(x))))
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] weights of bilinear upsampling with half-pixel centres, edges clamped (torch's
+    `interpolate(mode="bilinear", align_corners=False)`): `m @ x @ m.T` upsamples a square map `x`."""
+    source = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, None)
+    low = np.minimum(np.floor(source).astype(int), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    matrix = np.zeros((size_out, size_in))
+    np.add.at(matrix, (np.arange(size_out), low), 1 - (source - low))
+    np.add.at(matrix, (np.arange(size_out), high), source - low)
+    return matrix
 
 
-def grad_cam(network: nn.Module, images: np.ndarray, target: int | None, temperature: float = 1.0) -> list[Explanation]:
-    """Grad-CAM of uint8 images [N, 32, 32, 3] for `target` (None: each image's predicted class).
-
-    Thread-safe on a shared network: no hooks and no state on the module; only the head after
-    layer4 is differentiated (the gradient of a class score needs nothing before it), so the
-    network's parameters never collect gradients.
-    """
-    with torch.no_grad():
-        features = _layer4(network, normalize(torch.from_numpy(images.copy())))  # a copy: decoded arrays are read-only
-    features = features.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = network.fc(torch.flatten(network.avgpool(features), 1))
-        targets = logits.argmax(1) if target is None else torch.full((len(images),), target)
-        # Images are independent (batch norm in eval mode), so one backward of the summed scores
-        # gives every image the gradient of its own score.
-        (gradients,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), features)
-    with torch.no_grad():
-        weights = gradients.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * features).sum(1, keepdim=True))
-        # Min-max scaled, as the common Grad-CAM implementations do: the 4x4 map's least relevant
-        # cell is 0, so the picture shows contrast rather than a uniform wash over the image.
-        cam = cam - cam.amin(dim=(2, 3), keepdim=True)
-        cam = F.interpolate(cam, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)[:, 0]
-        peak = cam.amax(dim=(1, 2), keepdim=True)
-        cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
-        probabilities = torch.softmax(logits.double() / temperature, dim=1).float()
-    return [Explanation(int(t), p.numpy(), c.numpy()) for t, p, c in zip(targets, probabilities, cam)]
+def grad_cam(reference: ReferenceNetwork, images: np.ndarray, target: int | None,
+             temperature: float = 1.0) -> list[Explanation]:
+    """Grad-CAM of uint8 images [N, 32, 32, 3] for `target` (None: each image's predicted class)."""
+    logits, features = reference.run(images)
+    targets = logits.argmax(1) if target is None else np.full(len(images), target)
+    weights = reference.fc_weight[targets].astype(np.float64)  # [N, 512]
+    cam = np.maximum(np.einsum("nc,nchw->nhw", weights, features.astype(np.float64)), 0)
+    # Min-max scaled, as the common Grad-CAM implementations do: the 4x4 map's least relevant cell is
+    # 0, so the picture shows contrast rather than a uniform wash over the image.
+    cam -= cam.min(axis=(1, 2), keepdims=True)
+    upsample = bilinear_matrix(cam.shape[-1], IMAGE_SIZE)
+    cam = upsample @ cam @ upsample.T
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    cam = np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0).astype(np.float32)
+    scaled = logits.astype(np.float64) / temperature
+    probabilities = np.exp(scaled - scaled.max(1, keepdims=True))
+    probabilities = (probabilities / probabilities.sum(1, keepdims=True)).astype(np.float32)
+    return [Explanation(int(t), p, c) for t, p, c in zip(targets, probabilities, cam)]
 
 
 def _jet(values: np.ndarray) -> np.ndarray:
@@ -160,7 +158,7 @@ async def _request_payload(request: Request) -> dict | bytes:
 
 
 def build_explain_router(model: Cifar10Classifier) -> APIRouter:
-    """`POST /v1/models/{name}:explain` for `model`, explained by `model.network` (its fp32 torch module)."""
+    """`POST /v1/models/{name}:explain` for `model`, explained by `model.reference` (its fp32 network)."""
     router = APIRouter()
     pool = ExplainPool(model.settings.max_explain_in_flight)
 
@@ -182,7 +180,7 @@ def build_explain_router(model: Cifar10Classifier) -> APIRouter:
         images = np.stack(prepared.slots)
         # Grad-CAM and the PNGs off the event loop, outside the prediction batcher.
         explanations = await pool.run(lambda: [e.body(image) for e, image in zip(
-            grad_cam(model.network, images, target, model.temperature), images)])
+            grad_cam(model.reference, images, target, model.temperature), images)])
         return {
             "model_name": model.name,
             "model_version": model.version,

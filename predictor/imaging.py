@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ApiError
-from .network import IMAGE_SIZE
+from .cifar import IMAGE_SIZE
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,19 +1,14 @@
-"""The one network definition shared by training, evaluation and serving."""
+"""The network as torch builds it, for training, evaluation and the torch engine (serving on ONNX
+Runtime builds the same network from the weights without torch: predictor.reference)."""
 
 import torch
 from torch import nn
 from torchvision.models import resnet18
 
-CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)
-IMAGE_SIZE = 32
-ARCHITECTURE = "torchvision resnet18, CIFAR stem (3x3 stride-1 conv1, no max-pool), 10 classes"
+from .cifar import CLASSES, MEAN, STD
 
-# Per-channel statistics of the CIFAR-10 training set, applied by `normalize`.
-_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
-_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+_MEAN = torch.tensor(MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(STD).view(1, 3, 1, 1)
 
 
 def build_resnet18() -> nn.Module:

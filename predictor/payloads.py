@@ -10,7 +10,7 @@ import orjson
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
 from .errors import ApiError
-from .network import CLASSES, IMAGE_SIZE
+from .cifar import CLASSES, IMAGE_SIZE
 
 PIXELS_SHAPE = [-1, IMAGE_SIZE, IMAGE_SIZE, 3]
 V2_INPUTS = [

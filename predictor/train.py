@@ -28,7 +28,8 @@ from tqdm import tqdm
 from . import reports
 from .calibration import expected_calibration_error, fit_temperature
 from .data import Dataset, load_image_folder, stratified_split
-from .network import ARCHITECTURE, CLASSES, build_resnet18, normalize
+from .cifar import ARCHITECTURE, CLASSES
+from .network import build_resnet18, normalize
 from .weights import CARD_FILE, PACKAGED_DIR, WEIGHTS_FILE, load_model, network_from_file, save_weights, sha256_of
 
 log = logging.getLogger("predictor.train")

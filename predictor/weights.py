@@ -1,17 +1,21 @@
 """Shipped weights and what ships beside them (model card, int8 calibration images, the ONNX graph's
 input name): saving, and loading with integrity checks. Serving reads them; building them is
-`predictor.train` and `predictor.quantize`."""
+`predictor.train` and `predictor.quantize`. Reading the weights as arrays needs no torch (the default
+engine serves without it); torch is imported only to make a torch network of them."""
+
+from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file
 
-from .network import build_resnet18
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_FILE = "resnet18_cifar10.safetensors"
 CARD_FILE = "model_card.json"
@@ -30,6 +34,8 @@ def sha256_of(path: Path) -> str:
 
 def save_weights(model: torch.nn.Module, directory: Path) -> Path:
     """Write the state dict as fp16 safetensors (half the size; accuracy is checked on this file)."""
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / WEIGHTS_FILE
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
@@ -48,7 +54,13 @@ def read_card(directory: Path) -> dict:
 
 
 def load_model(directory: Path) -> tuple[torch.nn.Module, dict]:
-    """(fp32 network in eval mode, model card) from a model directory, verifying the card's sha256."""
+    """(fp32 torch network in eval mode, model card) from a model directory, verifying the card's sha256."""
+    path, card = verified_weights(directory)
+    return network_from_file(path), card
+
+
+def verified_weights(directory: Path) -> tuple[Path, dict]:
+    """(weights file, model card) from a model directory, the file verified against the card's sha256."""
     directory = Path(directory)
     card = read_card(directory)
     path = directory / card.get("weights_file", WEIGHTS_FILE)
@@ -58,18 +70,27 @@ def load_model(directory: Path) -> tuple[torch.nn.Module, dict]:
     actual = sha256_of(path)
     if expected != actual:
         raise WeightsError(f"{path}: sha256 {actual} does not match the model card's {expected}")
-    return network_from_file(path), card
+    return path, card
 
 
-def network_from_file(path: Path) -> torch.nn.Module:
-    """fp32 network in eval mode from a safetensors file (stored fp16 or fp32)."""
+def read_state(path: Path) -> dict[str, np.ndarray]:
+    """The state dict in a safetensors file (stored fp16 or fp32) as arrays, floating ones in fp32."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in state.items()}
+
+
+def network_from_file(path: Path) -> torch.nn.Module:
+    """fp32 torch network in eval mode from a safetensors file."""
+    import torch
+
+    from .network import build_resnet18
+
     model = build_resnet18()
     try:
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in read_state(path).items()})
     except RuntimeError as exc:
         first = " ".join(str(exc).strip().splitlines()[:2])
         raise WeightsError(f"{path}: weights do not fit the ResNet18 CIFAR-10 network ({first})") from None

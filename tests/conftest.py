@@ -139,7 +139,7 @@ def cifar_jpegs() -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def holdout() -> list[tuple[bytes, int]]:
     """2,000 held-out CIFAR-10 JPEGs (validation split, never trained or calibrated on) with their labels."""
-    from predictor.network import CLASSES
+    from predictor.cifar import CLASSES
 
     with tarfile.open(HOLDOUT) as tar:
         return [(tar.extractfile(member).read(), CLASSES.index(member.name.split("/")[0]))

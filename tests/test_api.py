@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from predictor.network import CLASSES
+from predictor.cifar import CLASSES
 
 from .conftest import MODEL_NAME, encode, error_fields
 

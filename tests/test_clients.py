@@ -10,7 +10,7 @@ import pytest
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from predictor.network import CLASSES
+from predictor.cifar import CLASSES
 
 from .conftest import MODEL_NAME, Server, free_port
 

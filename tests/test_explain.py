@@ -4,13 +4,14 @@ import base64
 import concurrent.futures
 import io
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from predictor.network import CLASSES
+from predictor.cifar import CLASSES
 
 from .conftest import MODEL_NAME, Server, encode
 from .test_api import assert_error
@@ -64,6 +65,39 @@ def test_explain_answers_every_image_with_a_heatmap_and_overlay(server, cifar_jp
         assert heatmap.shape == (32, 32) and heatmap.min() >= 0 and heatmap.max() == pytest.approx(1.0)
         overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png"], validate=True)))
         assert overlay.format == "PNG" and overlay.size == (128, 128) and overlay.mode == "RGB"
+
+
+def test_the_default_server_serves_every_endpoint_without_loading_torch(server, cifar_jpegs):
+    """The default CPU engine is ONNX Runtime, and explanations come from the fp32 network on ONNX Runtime
+    too: after a call on every route and on gRPC, no torch library is mapped into the process."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    jpeg = cifar_jpegs["cat_0000.jpg"]
+    upload = [("file", ("cat.jpg", jpeg, "image/jpeg"))]
+    calls = [
+        server.client.post("/classify/image", files=upload),
+        server.client.post("/classify/batch", files=[("files", ("cat.jpg", jpeg, "image/jpeg"))]),
+        server.client.post(PREDICT, json=instances(jpeg)),
+        server.client.post(EXPLAIN, json=instances(jpeg)),
+        server.client.post(EXPLAIN + "?target_class=ship", content=jpeg, headers={"content-type": "image/jpeg"}),
+        server.client.post(f"/v2/models/{MODEL_NAME}/infer", json={"inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(jpeg).decode()]}]}),
+    ] + [server.client.get(path) for path in ("/", "/docs", "/openapi.json", "/health", "/metrics",
+                                              f"/v2/models/{MODEL_NAME}", f"/v2/models/{MODEL_NAME}/ready")]
+    job = server.client.post("/classify/jobs", files=[("files", ("cat.jpg", jpeg, "image/jpeg"))])
+    calls.append(server.client.get(job.json()["status_url"]))
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        reply = GRPCInferenceServiceStub(channel).ModelInfer(pb.ModelInferRequest(
+            model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
+                name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[jpeg]))]),
+            timeout=30)
+    assert reply.outputs[1].contents.bytes_contents == [b"cat"]
+    assert job.status_code == 202 and all(call.status_code == 200 for call in calls), [
+        (call.request.url.path, call.status_code) for call in calls]
+    mapped = (Path("/proc") / str(server.process.pid) / "maps").read_text()
+    assert "libtorch" not in mapped and "/torch/" not in mapped
 
 
 def test_explain_takes_a_raw_image_body_like_predict(server, cifar_jpegs):

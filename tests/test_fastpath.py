@@ -6,7 +6,6 @@ import os
 import shutil
 import sys
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +13,13 @@ import torch
 from torch import nn
 
 from predictor import engine as engine_module
-from predictor.engine import (EngineError, InferenceEngine, batch_buckets, build_engine, check_agreement, choose_engine,
-                              cpu_has, native_cpu_precisions, resolve_device, resolve_precision)
+from predictor import torch_engine
+from predictor.engine import EngineError, build_engine, check_agreement, choose_engine, cpu_has, resolve_device
 from predictor.imaging import decode_image
 from predictor.onnx_engine import OnnxEngine, onnx_int8_path
-from predictor.weights import PACKAGED_DIR, WeightsError, calibration_images, load_model
+from predictor.reference import ReferenceNetwork
+from predictor.torch_engine import InferenceEngine, batch_buckets, native_cpu_precisions, resolve_precision
+from predictor.weights import PACKAGED_DIR, WeightsError, calibration_images, load_model, verified_weights
 
 from .conftest import MODEL_NAME, ROOT, Server
 
@@ -26,6 +27,11 @@ from .conftest import MODEL_NAME, ROOT, Server
 @pytest.fixture(scope="module")
 def shipped():
     return load_model(PACKAGED_DIR)
+
+
+@pytest.fixture(scope="module")
+def reference() -> ReferenceNetwork:
+    return ReferenceNetwork.from_file(verified_weights(PACKAGED_DIR)[0], threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -88,27 +94,27 @@ def test_native_precisions_are_read_from_the_cpu():
     assert ("bf16" in native) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def build_auto(network, card, precision: str, calibration):
-    return build_engine(network, card, None, engine="torch", device="cpu", precision=precision, max_batch_size=32,
-                        threads=2, compile=False, calibration=calibration)
+def build_auto(network, reference, card, precision: str, calibration):
+    return build_engine(card, None, reference=reference, torch_network=lambda: network, engine="torch", device="cpu",
+                        precision=precision, max_batch_size=32, threads=2, compile=False, calibration=calibration)
 
 
 @pytest.mark.slow
-def test_bf16_is_checked_against_fp32_before_it_serves(shipped, monkeypatch, caplog):
+def test_bf16_is_checked_against_fp32_before_it_serves(shipped, reference, monkeypatch, caplog):
     """On a bf16 CPU (forced here), auto's bf16 passes the same load-time gate as int8; when it fails,
     auto serves fp32 and an explicit bf16 is refused."""
     model, card = shipped
     calibration = calibration_images(PACKAGED_DIR, card)
-    monkeypatch.setattr(engine_module, "native_cpu_precisions", lambda: AVX512_BF16)
+    monkeypatch.setattr(torch_engine, "native_cpu_precisions", lambda: AVX512_BF16)
     with caplog.at_level("INFO", logger="predictor"):
-        assert build_auto(model, card, "auto", calibration).precision == "bf16"
+        assert build_auto(model, reference, card, "auto", calibration).precision == "bf16"
     assert "bf16 engine agrees with the fp32 network" in caplog.text
-    assert build_auto(model, card, "auto", None).precision == "fp32"  # nothing to check it with
+    assert build_auto(model, reference, card, "auto", None).precision == "fp32"  # nothing to check it with
 
     monkeypatch.setattr(engine_module, "MIN_AGREEMENT", 1.01)  # a gate no engine passes
-    assert build_auto(model, card, "auto", calibration).precision == "fp32"
+    assert build_auto(model, reference, card, "auto", calibration).precision == "fp32"
     with pytest.raises(WeightsError, match="bf16 engine agrees .* refusing to serve it"):
-        build_auto(model, card, "bf16", calibration)
+        build_auto(model, reference, card, "bf16", calibration)
 
 
 def test_compiled_batch_buckets_cover_every_batch_size():
@@ -147,11 +153,11 @@ def test_onnx_graph_that_does_not_match_the_card_is_refused(tmp_path, shipped):
         onnx_int8_path(model_dir, card)
 
 
-def test_agreement_check_refuses_an_engine_that_disagrees_with_fp32(shipped):
-    model, card = shipped
+def test_agreement_check_refuses_an_engine_that_disagrees_with_fp32(shipped, reference):
+    _, card = shipped
     calibration = calibration_images(PACKAGED_DIR, card)
     engine = OnnxEngine(onnx_int8_path(PACKAGED_DIR, card), max_batch_size=32, threads=2)
-    assert check_agreement(engine, model, calibration) >= 0.98
+    assert check_agreement(engine, reference, calibration) >= 0.98
 
     class ShiftedClasses:  # the real int8 graph with its outputs off by one class: a broken export
         precision = "int8"
@@ -160,7 +166,7 @@ def test_agreement_check_refuses_an_engine_that_disagrees_with_fp32(shipped):
             return np.roll(engine.logits(images), 1, axis=1)
 
     with pytest.raises(WeightsError, match="refusing to serve it"):
-        check_agreement(ShiftedClasses(), model, calibration)
+        check_agreement(ShiftedClasses(), reference, calibration)
 
 
 class RunsOutOfMemoryAbove(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
-from predictor.network import CLASSES
+from predictor.cifar import CLASSES
 
 from .conftest import MODEL_NAME, Server, free_port
 

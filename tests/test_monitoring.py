@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from predictor.network import CLASSES
+from predictor.cifar import CLASSES
 
 from .conftest import IMAGES, ROOT, Server
 from .deploy_common import (CHART, NAMESPACE, PROMTOOL, RELEASE, SEED_QUERIES, Prometheus, one, render, rules_file, run,

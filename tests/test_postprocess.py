@@ -7,7 +7,7 @@ import torch
 from predictor.calibration import expected_calibration_error, fit_temperature
 from predictor.config import Settings
 from predictor.model import Cifar10Classifier
-from predictor.network import CLASSES
+from predictor.cifar import CLASSES
 from predictor.payloads import classification
 
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from predictor import evaluate, train
 from predictor.data import load_image_folder, stratified_split
-from predictor.network import CLASSES, normalize
+from predictor.cifar import CLASSES
+from predictor.network import normalize
 from predictor.weights import load_model
 
 from .conftest import Server
