@@ -6,7 +6,8 @@
 #                                   writes the configuration every podman call here uses (.cache/containers/)
 #   .ci/image.sh base               podman: makes debian:bookworm-slim resolvable locally (no registry here): a
 #                                   Debian 12 minbase root filesystem from debootstrap, imported under that name
-#   .ci/image.sh build IMAGE        builds IMAGE from ./Dockerfile (ENGINE=docker|podman forces an engine)
+#   .ci/image.sh build IMAGE [TARGET]  builds IMAGE from ./Dockerfile's TARGET stage (cpu, the default, or cuda;
+#                                   ENGINE=docker|podman forces an engine)
 #   .ci/image.sh run IMAGE PORT     runs IMAGE in the foreground as the chart's pod runs it (see run_image)
 #   .ci/image.sh exists IMAGE       exit status 0 when podman's store has IMAGE
 #   .ci/image.sh podman ARGS...     podman with this configuration (what the image tests use)
@@ -216,10 +217,10 @@ EOF
 }
 
 build() {
-    local image="$1" eng start=$SECONDS
+    local image="$1" target="${2:-cpu}" eng start=$SECONDS
     eng=$(engine)
     if [ "$eng" = docker ]; then
-        docker build --tag "$image" .
+        docker build --target "$target" --tag "$image" .
     else
         setup
         base
@@ -229,9 +230,9 @@ build() {
         # --pull=never: the base is local (see `base`); chroot isolation and the host network are
         # what work on these machines.
         pm build --format docker --pull=never --layers --isolation chroot --network host \
-            "${args[@]}" --tag "$image" .
+            "${args[@]}" --target "$target" --tag "$image" .
     fi
-    log "built $image with $eng in $((SECONDS - start)) s"
+    log "built $image ($target) with $eng in $((SECONDS - start)) s"
     if [ "$eng" = podman ]; then
         pm image inspect --format 'image.sh: {{.Id}} {{.Size}} bytes' "$image" >&2
     fi
@@ -286,9 +287,9 @@ case "${1:-}" in
     engine) engine ;;
     setup) setup ;;
     base) use_config; base ;;
-    build) build "${2:?image}" ;;
+    build) build "${2:?image}" "${3:-cpu}" ;;
     run) run_image "${2:?image}" "${3:?port}" ;;
     exists) pm image exists "${2:?image}" ;;
     podman) shift; pm "$@" ;;
-    *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,14p' "$0" >&2; exit 2 ;;
 esac

@@ -17,6 +17,7 @@ This module imports no torch: the torch engine (predictor.torch_engine) is impor
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -79,10 +80,20 @@ def nvidia_gpu_visible() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
 
 
+def torch_installed() -> bool:
+    """Whether torch can be imported here (the CPU image has none), without importing it."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def without_torch(what: str) -> EngineError:
+    return EngineError(f"{what} needs torch, which this installation does not have (the CPU image serves ONNX Runtime "
+                       "int8 only): use the CUDA image, or the defaults (--engine auto --precision auto --device auto)")
+
+
 def cuda_available() -> bool:
     """torch sees a usable GPU; torch is imported only when the driver shows one, so that a CPU node's
-    `auto` never loads it."""
-    if not nvidia_gpu_visible():
+    `auto` never loads it (and without torch, as in the CPU image, `auto` serves on the CPU)."""
+    if not nvidia_gpu_visible() or not torch_installed():
         return False
     import torch
 
@@ -95,6 +106,8 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if cuda_available() else "cpu"
     if requested == "cuda":
+        if not torch_installed():
+            raise without_torch("--device cuda")
         if not cuda_available():
             driver = _nvidia_driver_version()
             if driver is not None and driver < MIN_CUDA_DRIVER:
@@ -124,6 +137,8 @@ def build_engine(card: dict, model_dir: Path | None, *, reference: ReferenceNetw
 
         runner = OnnxEngine(onnx_int8_path(model_dir, card), max_batch_size, threads)
     else:
+        if not torch_installed():
+            raise without_torch(f"--engine {engine} --precision {precision}" if engine == "auto" else f"--engine {engine}")
         from .torch_engine import InferenceEngine
 
         network = torch_network()

@@ -24,8 +24,8 @@ from .engine import build_engine, usable_cores
 from .errors import ApiError
 from .imaging import decode_image
 from .protocols import ClassifyRequest, Prepared, Slots, adapter_for
-from .reference import ReferenceNetwork
-from .weights import WeightsError, calibration_images, network_from_file, verified_weights
+from .reference import ReferenceNetwork, random_state
+from .weights import WeightsError, calibration_images, network_from_file, network_from_state, verified_weights
 
 log = logging.getLogger("predictor")
 
@@ -63,12 +63,10 @@ class Cifar10Classifier(kserve.Model):
         """Read and verify the weights, place the network, and prove it with one forward pass."""
         threads = self.settings.intra_op_threads or max(1, usable_cores() // self.settings.workers)
         if self.settings.random_weights:
-            from .network import build_resnet18
-
-            network = build_resnet18().eval()
+            state = random_state()
             self.card, self.version = {"temperature": 1.0, "note": "random weights (tests only)"}, "random-weights"
-            self.reference = ReferenceNetwork({k: v.numpy() for k, v in network.state_dict().items()}, threads)
-            torch_network = lambda: network  # noqa: E731
+            self.reference = ReferenceNetwork(state, threads)
+            torch_network = lambda: network_from_state(state)  # noqa: E731
         else:
             path, self.card = verified_weights(self.settings.model_dir)
             self.version = self.card.get("weights_sha256", "")[:12]

@@ -64,6 +64,22 @@ def check_state(state: dict[str, np.ndarray], source: str) -> None:
         raise WeightsError(f"{source}: weights do not fit the ResNet18 CIFAR-10 network ({detail})")
 
 
+def random_state(seed: int = 0) -> dict[str, np.ndarray]:
+    """An untrained network's weights (tests only: --random_weights): He-initialised convolutions,
+    identity batch norms, a small random head."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in expected_shapes().items():
+        if name.endswith("running_var") or (name.endswith(".weight") and len(shape) == 1):
+            state[name] = np.ones(shape, np.float32)
+        elif name.endswith(("running_mean", ".bias")):
+            state[name] = np.zeros(shape, np.float32)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            state[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    return state
+
+
 class _GraphBuilder:
     """Appends nodes and initializers; each op returns its output's name."""
 

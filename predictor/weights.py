@@ -84,16 +84,21 @@ def read_state(path: Path) -> dict[str, np.ndarray]:
 
 def network_from_file(path: Path) -> torch.nn.Module:
     """fp32 torch network in eval mode from a safetensors file."""
+    return network_from_state(read_state(path), str(path))
+
+
+def network_from_state(state: dict[str, np.ndarray], source: str = "weights") -> torch.nn.Module:
+    """fp32 torch network in eval mode from a state dict of arrays."""
     import torch
 
     from .network import build_resnet18
 
     model = build_resnet18()
     try:
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in read_state(path).items()})
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
     except RuntimeError as exc:
         first = " ".join(str(exc).strip().splitlines()[:2])
-        raise WeightsError(f"{path}: weights do not fit the ResNet18 CIFAR-10 network ({first})") from None
+        raise WeightsError(f"{source}: weights do not fit the ResNet18 CIFAR-10 network ({first})") from None
     return model.eval()
 
 

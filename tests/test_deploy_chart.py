@@ -269,7 +269,7 @@ def test_canary_splits_traffic_for_a_new_model_version():
     _, _, predictor = isvc_of(objects)
     container = predictor_container(objects)
     assert predictor["canaryTrafficPercent"] == 10
-    assert container["image"] == "ghcr.io/example/cifar10-kserve-predictor:1.1.0"
+    assert container["image"] == "ghcr.io/example/cifar10-kserve-predictor:1.1.0-cuda"
     assert env_of(container)["STORAGE_URI"] == "s3://models/cifar10-resnet18/v2"
     assert one(objects, "ServiceAccount")["secrets"] == [{"name": "s3-model-credentials"}]
 

@@ -227,6 +227,25 @@ def test_cuda_without_a_usable_gpu_stops_with_one_clear_line():
     assert "Uvicorn running" not in result.stdout + result.stderr
 
 
+def test_without_torch_the_torch_engine_and_cuda_are_refused_and_auto_serves_onnx(shipped, reference, monkeypatch):
+    """The CPU image has no torch (tests/test_image.py runs it); here its absence is simulated."""
+    _, card = shipped
+    monkeypatch.setattr(engine_module, "torch_installed", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(EngineError, match="--device cuda needs torch.*use the CUDA image"):
+        resolve_device("cuda")
+
+    def build(engine: str, precision: str):
+        return build_engine(card, PACKAGED_DIR, reference=reference, torch_network=lambda: pytest.fail("torch used"),
+                            engine=engine, device="auto", precision=precision, max_batch_size=8, threads=1,
+                            compile=False, calibration=calibration_images(PACKAGED_DIR, card))
+
+    for engine, precision in (("torch", "auto"), ("auto", "fp32")):
+        with pytest.raises(EngineError, match="needs torch.*use the CUDA image"):
+            build(engine, precision)
+    assert build("auto", "auto").name == "onnxruntime"
+
+
 @pytest.mark.slow
 def test_compile_without_a_compiler_stops_with_one_clear_line(tmp_path):
     # A PATH with no C++ compiler on it, as in an image without one.

@@ -1,4 +1,5 @@
-"""The container image itself, built by `make image` and run the way the chart runs it (`make test-image`).
+"""The container images themselves, built by `make image` (CPU) and `make image-cuda`, run the way the
+chart runs them (`make test-image`).
 
 Every container here is the chart's pod: the rendered InferenceService's predictor spec (chart
 defaults for a CPU node, `gpu.enabled=false`, as this machine has no GPU; containerPort set to a
@@ -10,11 +11,15 @@ that breaks the pod, or an image that cannot serve what the chart asks of it, fa
 Checked on the running container: /health within 30 s of `kube play`; the README's curl classifies
 the shipped test images; hostile samples get 4xx JSON errors; /metrics has the seed's names; it runs
 as uid 10001 on a read-only root filesystem with only /tmp writable; the package and its weights
-come from the image's venv, not a source tree; the torch fallback (torch.compile, with the image's
-compiler) loads and serves for that user; SIGTERM during load answers every admitted request and exits 0 (PID 1 is tini, which
-passes the signal on); `make run-image` runs the same container in the foreground and passes SIGTERM
-on; the chart's default pod (gpu.enabled: DEVICE=cuda) stops with one clear line where it sees no GPU. The image's size and the container's start-to-ready times (cold: page cache dropped first, when
-this user may; warm: right after) are written to .cache/image/report.json, which `make test-image` prints at the end.
+come from the image's venv, not a source tree, without the build-time modules; the CPU image has no
+torch (none installed, none mapped into the serving process after every endpoint, `:explain` included;
+`--engine torch` stops with one clear line); SIGTERM during load answers every admitted request and
+exits 0 (PID 1 is tini, which passes the signal on); `make run-image` runs the same container in the
+foreground and passes SIGTERM on. The CUDA image: the torch engine (torch.compile, with the image's
+compiler) loads and serves for that user on the CPU; the chart's default pod (gpu.enabled: the CUDA
+image, DEVICE=cuda) stops with one clear line where it sees no GPU. Both images' sizes, the container's
+start-to-ready times (cold: page cache dropped first, when this user may; warm: right after) and its
+idle memory are written to .cache/image/report.json, which `make test-image` prints at the end.
 
 Deselected from `make test` (marker `image`, see conftest.py); needs root, podman and the image.
 """
@@ -38,12 +43,13 @@ from .deploy_common import ROOT, chart_pod, predictor_container, render, run
 
 pytestmark = pytest.mark.image
 
-IMAGE = os.environ.get("PREDICTOR_IMAGE", "cifar10-kserve-predictor:dev")
+IMAGE = os.environ.get("PREDICTOR_IMAGE", "cifar10-kserve-predictor:dev")  # the CPU image
+IMAGE_CUDA = os.environ.get("PREDICTOR_IMAGE_CUDA", f"{IMAGE}-cuda")
 IMAGE_SH = ROOT / ".ci" / "image.sh"
 READY_WITHIN_S = 30
 # The chart's pod for a CPU node (the default, gpu.enabled, asks for DEVICE=cuda: its own test below).
 CPU_NODE = ("gpu.enabled=false",)
-REPORT: dict = {"image": IMAGE}
+REPORT: dict = {"image": IMAGE, "image_cuda": IMAGE_CUDA}
 REPORT_PATH = ROOT / ".cache" / "image" / "report.json"
 
 
@@ -65,12 +71,12 @@ def drop_page_cache() -> bool:
 class Pod:
     """The chart's pod for this image, run by `podman kube play --network host`."""
 
-    def __init__(self, name: str, folder: Path, sets: tuple[str, ...] = CPU_NODE):
+    def __init__(self, name: str, folder: Path, sets: tuple[str, ...] = CPU_NODE, image: str = IMAGE):
         self.name = name
         self.port = free_port()
         self.objects = render(sets=(f"containerPort={self.port}", *sets))
         self.spec = predictor_container(self.objects)
-        self.manifest = chart_pod.pod(self.objects, IMAGE, name)
+        self.manifest = chart_pod.pod(self.objects, image, name)
         self.path = folder / f"{name}.yaml"
         self.path.write_text(json.dumps(self.manifest, indent=2))  # JSON is YAML
         self.container = f"{name}-{self.spec['name']}"  # podman's name for a kube play container
@@ -115,9 +121,10 @@ class Pod:
 
 @pytest.fixture(scope="module", autouse=True)
 def image_is_built():
-    result = podman("image", "inspect", "--format", "{{.Size}}", IMAGE, check=False)
-    assert result.returncode == 0, f"{IMAGE} is not in podman's store: run `make image` (or `make test-image`)"
-    REPORT["size_bytes"] = int(result.stdout.strip())
+    for key, image, target in (("size_bytes", IMAGE, "image"), ("cuda_size_bytes", IMAGE_CUDA, "image-cuda")):
+        result = podman("image", "inspect", "--format", "{{.Size}}", image, check=False)
+        assert result.returncode == 0, f"{image} is not in podman's store: run `make {target}` (or `make test-image`)"
+        REPORT[key] = int(result.stdout.strip())
     yield
     REPORT_PATH.parent.mkdir(parents=True, exist_ok=True)
     REPORT_PATH.write_text(json.dumps(REPORT, indent=2) + "\n")
@@ -226,7 +233,7 @@ def test_pid_1_is_tini_running_the_predictor(pod):
 def test_the_package_and_weights_come_from_the_image_venv(pod):
     """What the Dockerfile promises: the project installed as a wheel into /opt/venv (no source tree
     in /app), its weights inside site-packages and readable by uid 10001, every module it needs found."""
-    code = ("import predictor, predictor.weights as w, sys; w.load_model(w.PACKAGED_DIR); "
+    code = ("import predictor, predictor.weights as w, sys; w.verified_weights(w.PACKAGED_DIR); "
             "print(predictor.__file__); print(w.PACKAGED_DIR); print(sys.executable)")
     module, weights, executable = pod.exec("python", "-I", "-c", code).stdout.split()
     assert module.startswith("/opt/venv/lib/python3.11/site-packages/predictor/"), module
@@ -237,6 +244,10 @@ def test_the_package_and_weights_come_from_the_image_venv(pod):
     assert "resnet18_cifar10.safetensors" in listing and "model_card.json" in listing, listing
     help_text = pod.exec("python", "-m", "predictor", "--help").stdout
     assert "--max_batch_size" in help_text and "--http_port" in help_text
+    # The build-time modules are not shipped (training, data loading, quantization, reports).
+    package = pod.exec("ls", "-R", module.rsplit("/", 1)[0]).stdout
+    assert not re.search(r"\b(train|data|quantize|evaluate|calibration|reports)\.(py|cpython)", package), package
+    assert "model.py" in package and "reference.py" in package
     # No pip cache, no build context left behind.
     assert pod.exec("sh", "-c", "ls -d /root/.cache/pip /src /tmp/wheels 2>/dev/null", check=False).stdout == ""
 
@@ -289,14 +300,53 @@ def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp
     assert exit_code == 0 and exit_seconds < drain_timeout + 5, (exit_code, exit_seconds, log[-3000:])
 
 
-def test_the_torch_fallback_compiles_and_serves_in_the_image(pod):
-    """`--engine torch --compile true` (the fallback to the default ONNX Runtime engine): inductor builds
-    C++ kernels at load with the image's g++ and Python headers (and openssl, for its header cache) as
-    uid 10001 on the read-only root, its cache under the chart's TORCHINDUCTOR_CACHE_DIR on /tmp. The
-    chart's CPU-node container with these flags added, `podman run`; it serves and stops with status 0."""
-    pod.down()  # one predictor at a time on this machine
+def test_the_cpu_image_has_no_torch(pod):
+    """What is gone is gone: torch is not installed in the CPU image, no torch library is mapped into
+    any process of the container after a call on every endpoint (`:explain` included), and asking the
+    CPU image for the torch engine stops the process with one clear line."""
+    jpeg = (IMAGES / "cat_0000.jpg").read_bytes()
+    b64 = base64.b64encode(jpeg).decode()
+    upload = [("file", ("cat.jpg", jpeg, "image/jpeg"))]
+    calls = [
+        pod.client.post("/classify/image", files=upload),
+        pod.client.post("/classify/batch", files=[("files", ("cat.jpg", jpeg, "image/jpeg"))]),
+        pod.client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": [{"image": {"b64": b64}}]}),
+        pod.client.post(f"/v1/models/{MODEL_NAME}:explain", json={"instances": [{"image": {"b64": b64}}]}),
+        pod.client.post(f"/v2/models/{MODEL_NAME}/infer",
+                        json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}),
+    ] + [pod.client.get(path) for path in ("/", "/docs", "/health", "/metrics", f"/v2/models/{MODEL_NAME}")]
+    job = pod.client.post("/classify/jobs", files=[("files", ("cat.jpg", jpeg, "image/jpeg"))])
+    assert job.status_code == 202, job.text
+    calls.append(pod.client.get(job.json()["status_url"]))
+    assert all(c.status_code == 200 for c in calls), [(c.request.url.path, c.status_code) for c in calls]
+    REPORT["idle_rss_kib"] = int(re.search(r"VmRSS:\s+(\d+)", pod.exec(
+        "sh", "-c", "for p in /proc/[0-9]*; do grep -q predictor $p/cmdline 2>/dev/null && "
+        "! grep -q tini $p/cmdline && cat $p/status; done").stdout).group(1))
+    maps = pod.exec("sh", "-c", "cat /proc/[0-9]*/maps").stdout
+    assert "libpython" in maps or "onnxruntime" in maps, "the maps were not read"
+    assert "torch" not in maps
+    missing = pod.exec("python", "-c", "import torch", check=False)
+    assert missing.returncode != 0 and "No module named 'torch'" in missing.stderr, missing
+
     port = free_port()
     flags = chart_pod.run_flags(chart_pod.pod(render(sets=(f"containerPort={port}", *CPU_NODE)), IMAGE))
+    refused = podman("run", "--rm", "--network", "host", "--no-healthcheck", *flags, "--engine=torch", check=False,
+                     timeout=300)
+    log = refused.stdout + refused.stderr
+    errors = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert refused.returncode == 2, log
+    assert len(errors) == 1 and "--engine torch needs torch" in errors[0] and "CUDA image" in errors[0], log
+
+
+def test_the_cuda_image_compiles_the_torch_engine_and_serves(pod):
+    """The CUDA image's torch engine, on this machine's CPU (`--engine torch --compile true`): inductor
+    builds C++ kernels at load with the image's g++ and Python headers (and openssl, for its header
+    cache) as uid 10001 on the read-only root, its cache under the chart's TORCHINDUCTOR_CACHE_DIR on
+    /tmp. The chart's CPU-node container with these flags added, `podman run`; it serves and stops with
+    status 0."""
+    pod.down()  # one predictor at a time on this machine
+    port = free_port()
+    flags = chart_pod.run_flags(chart_pod.pod(render(sets=(f"containerPort={port}", *CPU_NODE)), IMAGE_CUDA))
     name = f"cifar10-image-torch-{port}"
     podman("run", "--detach", "--name", name, "--network", "host", "--no-healthcheck", *flags,
            "--engine=torch", "--precision=fp32", "--compile=true")
@@ -312,7 +362,7 @@ def test_the_torch_fallback_compiles_and_serves_in_the_image(pod):
                 pass
             assert time.monotonic() - started < 900, "not ready after 900 s"
             time.sleep(1)
-        REPORT["torch_compile_start_to_ready_s"] = round(time.monotonic() - started, 1)
+        REPORT["cuda_image_torch_compile_start_to_ready_s"] = round(time.monotonic() - started, 1)
         response = httpx.post(f"http://127.0.0.1:{port}/classify/image",
                               files={"file": (IMAGES / "horse_0000.jpg").read_bytes()}, timeout=60)
         assert response.status_code == 200 and response.json()["predicted_class"] == "horse", response.text
@@ -373,9 +423,10 @@ def test_make_run_image_runs_the_chart_container_and_passes_sigterm_on(tmp_path)
 
 
 def test_the_default_gpu_pod_stops_with_one_clear_line_without_a_gpu(tmp_path):
-    """The chart's defaults (gpu.enabled: DEVICE=cuda) on a machine whose container sees no GPU: the
-    process stops at load with one clear error line and a non-zero status, instead of serving on the CPU."""
-    p = Pod("cifar10-image-gpu", tmp_path, sets=())
+    """The chart's defaults (gpu.enabled: the CUDA image, DEVICE=cuda) on a machine whose container sees
+    no GPU: the process stops at load with one clear error line and a non-zero status, instead of
+    serving on the CPU."""
+    p = Pod("cifar10-image-gpu", tmp_path, sets=(), image=IMAGE_CUDA)
     assert next(e["value"] for e in p.spec["env"] if e["name"] == "DEVICE") == "cuda"
     try:
         podman("kube", "play", "--network", "host", p.path, timeout=300)

@@ -62,14 +62,16 @@ def test_the_error_format_is_installed_with_the_routes(two_apps):
 
 def test_serving_imports_no_build_time_code():
     """The server loads the shipped weights and serves without training, data-loading or quantization
-    code (those are `make` targets on a workstation, not part of a request's path)."""
+    code (those are `make` targets on a workstation, not part of a request's path), and with the
+    default engine on a CPU, without torch (the CPU image has none)."""
     import subprocess
     import sys
 
     script = ("import sys; from fastapi import FastAPI; from predictor.__main__ import main; from predictor.app import install; "
               "from predictor.config import Settings, default_model_dir; from predictor.model import Cifar10Classifier; "
               "model = Cifar10Classifier('m', Settings(model_dir=default_model_dir())); model.load(); install(FastAPI(), model); "
-              "print(' '.join(sorted(m for m in sys.modules if m.startswith('predictor'))))")
+              "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('predictor', 'torch'))))")
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True).stdout.split()
     assert "predictor.model" in loaded and "predictor.onnx_engine" in loaded, loaded
     assert not {"predictor.train", "predictor.data", "predictor.quantize", "predictor.evaluate"} & set(loaded), loaded
+    assert "torch" not in loaded and "predictor.torch_engine" not in loaded, loaded

@@ -65,12 +65,14 @@ The ServiceAccount's name.
 {{- end }}
 
 {{/*
-The predictor image: [registry/]repository[:tag][@digest].
+The predictor image: [registry/]repository[:tag][@digest]; the CUDA image's tag with gpu.enabled,
+else the CPU image's.
 */}}
 {{- define "cifar10.image" -}}
 {{- $ref := .Values.image.repository }}
 {{- with .Values.image.registry }}{{ $ref = printf "%s/%s" . $ref }}{{ end }}
 {{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.gpu.enabled }}{{ $tag = default (printf "%s-cuda" .Chart.AppVersion) .Values.image.cudaTag }}{{ end }}
 {{- if $tag }}{{ $ref = printf "%s:%s" $ref $tag }}{{ end }}
 {{- with .Values.image.digest }}{{ $ref = printf "%s@%s" $ref . }}{{ end }}
 {{- $ref }}
