@@ -252,13 +252,63 @@ def test_the_package_and_weights_come_from_the_image_venv(pod):
     assert pod.exec("sh", "-c", "ls -d /root/.cache/pip /src /tmp/wheels 2>/dev/null", check=False).stdout == ""
 
 
-def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp_path_factory, holdout):
+def test_the_cpu_image_has_no_torch(pod):
+    """What is gone is gone: torch is not installed in the CPU image, no torch library is mapped into
+    any process of the container after a call on every endpoint (`:explain` included), and asking the
+    CPU image for the torch engine stops the process with one clear line."""
+    jpeg = (IMAGES / "cat_0000.jpg").read_bytes()
+    b64 = base64.b64encode(jpeg).decode()
+    upload = [("file", ("cat.jpg", jpeg, "image/jpeg"))]
+    calls = [
+        pod.client.post("/classify/image", files=upload),
+        pod.client.post("/classify/batch", files=[("files", ("cat.jpg", jpeg, "image/jpeg"))]),
+        pod.client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": [{"image": {"b64": b64}}]}),
+        pod.client.post(f"/v1/models/{MODEL_NAME}:explain", json={"instances": [{"image": {"b64": b64}}]}),
+        pod.client.post(f"/v2/models/{MODEL_NAME}/infer",
+                        json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}),
+    ] + [pod.client.get(path) for path in ("/", "/docs", "/health", "/metrics", f"/v2/models/{MODEL_NAME}")]
+    job = pod.client.post("/classify/jobs", files=[("files", ("cat.jpg", jpeg, "image/jpeg"))])
+    assert job.status_code == 202, job.text
+    calls.append(pod.client.get(job.json()["status_url"]))
+    assert all(c.status_code == 200 for c in calls), [(c.request.url.path, c.status_code) for c in calls]
+    REPORT["idle_rss_kib"] = int(re.search(r"VmRSS:\s+(\d+)", pod.exec(
+        "sh", "-c", "for p in /proc/[0-9]*; do grep -q predictor $p/cmdline 2>/dev/null && "
+        "! grep -q tini $p/cmdline && cat $p/status; done; true").stdout).group(1))
+    maps = pod.exec("sh", "-c", "cat /proc/[0-9]*/maps").stdout
+    assert "libpython" in maps or "onnxruntime" in maps, "the maps were not read"
+    assert "torch" not in maps
+    missing = pod.exec("python", "-c", "import torch", check=False)
+    assert missing.returncode != 0 and "No module named 'torch'" in missing.stderr, missing
+
+    port = free_port()
+    flags = chart_pod.run_flags(chart_pod.pod(render(sets=(f"containerPort={port}", *CPU_NODE)), IMAGE))
+    refused = podman("run", "--rm", "--network", "host", "--no-healthcheck", *flags, "--engine=torch", check=False,
+                     timeout=300)
+    log = refused.stdout + refused.stderr
+    errors = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert refused.returncode == 2, log
+    assert len(errors) == 1 and "--engine torch needs torch" in errors[0] and "CUDA image" in errors[0], log
+
+
+def large_png(i: int, j: int) -> bytes:
+    """A 4096x4096 PNG of one colour (~0.3 s to decode on 2 cores; ~60 kB), distinct for each (i, j)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4096, 4096), (i * 15, j * 60, 99)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp_path_factory):
     """A second pod (warm: right after the first, which is stopped first: one predictor at a time on
     this machine), loaded with batch calls; SIGTERM to the container (PID 1) while they are in flight.
     Every call admitted before the signal is answered 200; calls after it get 503 shutting_down or a
     refused connection; the predictor logs no admitted call left; the container exits 0 within the
     drain timeout."""
     pod.down()
+    pngs = [[large_png(i, j) for j in range(4)] for i in range(16)]
     drain = tmp_path_factory.mktemp("drain")
     p = Pod("cifar10-image-drain", drain)
     drain_timeout = int(next(e["value"] for e in p.spec["env"] if e["name"] == "DRAIN_TIMEOUT_S"))
@@ -266,9 +316,9 @@ def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp
         p.start()
         REPORT["warm_start_to_ready_s"] = round(p.ready_s, 1)
         def call(i):
-            # 16 images no other call sends (12 x 16 fit the 256-image queue): the result cache answers
-            # a repeated image at once, and these must be in flight when SIGTERM comes.
-            files = [("files", (f"{j}.jpg", holdout[j][0], "image/jpeg")) for j in range(16 * i, 16 * i + 16)]
+            # Four large PNGs (slow to decode, small on the wire) that no other call sends: the result
+            # cache answers a repeated image at once, and these must still be in flight when SIGTERM comes.
+            files = [("files", (f"{j}.png", data, "image/png")) for j, data in enumerate(pngs[i])]
             try:
                 with httpx.Client(base_url=p.url, timeout=60) as client:
                     response = client.post("/classify/batch", files=files)
@@ -298,44 +348,6 @@ def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp
     assert set(late_outcomes) <= {"503 shutting_down", "ConnectError"}, late_outcomes
     assert "drained: 0 admitted request(s) still in flight" in log, log
     assert exit_code == 0 and exit_seconds < drain_timeout + 5, (exit_code, exit_seconds, log[-3000:])
-
-
-def test_the_cpu_image_has_no_torch(pod):
-    """What is gone is gone: torch is not installed in the CPU image, no torch library is mapped into
-    any process of the container after a call on every endpoint (`:explain` included), and asking the
-    CPU image for the torch engine stops the process with one clear line."""
-    jpeg = (IMAGES / "cat_0000.jpg").read_bytes()
-    b64 = base64.b64encode(jpeg).decode()
-    upload = [("file", ("cat.jpg", jpeg, "image/jpeg"))]
-    calls = [
-        pod.client.post("/classify/image", files=upload),
-        pod.client.post("/classify/batch", files=[("files", ("cat.jpg", jpeg, "image/jpeg"))]),
-        pod.client.post(f"/v1/models/{MODEL_NAME}:predict", json={"instances": [{"image": {"b64": b64}}]}),
-        pod.client.post(f"/v1/models/{MODEL_NAME}:explain", json={"instances": [{"image": {"b64": b64}}]}),
-        pod.client.post(f"/v2/models/{MODEL_NAME}/infer",
-                        json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}),
-    ] + [pod.client.get(path) for path in ("/", "/docs", "/health", "/metrics", f"/v2/models/{MODEL_NAME}")]
-    job = pod.client.post("/classify/jobs", files=[("files", ("cat.jpg", jpeg, "image/jpeg"))])
-    assert job.status_code == 202, job.text
-    calls.append(pod.client.get(job.json()["status_url"]))
-    assert all(c.status_code == 200 for c in calls), [(c.request.url.path, c.status_code) for c in calls]
-    REPORT["idle_rss_kib"] = int(re.search(r"VmRSS:\s+(\d+)", pod.exec(
-        "sh", "-c", "for p in /proc/[0-9]*; do grep -q predictor $p/cmdline 2>/dev/null && "
-        "! grep -q tini $p/cmdline && cat $p/status; done").stdout).group(1))
-    maps = pod.exec("sh", "-c", "cat /proc/[0-9]*/maps").stdout
-    assert "libpython" in maps or "onnxruntime" in maps, "the maps were not read"
-    assert "torch" not in maps
-    missing = pod.exec("python", "-c", "import torch", check=False)
-    assert missing.returncode != 0 and "No module named 'torch'" in missing.stderr, missing
-
-    port = free_port()
-    flags = chart_pod.run_flags(chart_pod.pod(render(sets=(f"containerPort={port}", *CPU_NODE)), IMAGE))
-    refused = podman("run", "--rm", "--network", "host", "--no-healthcheck", *flags, "--engine=torch", check=False,
-                     timeout=300)
-    log = refused.stdout + refused.stderr
-    errors = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
-    assert refused.returncode == 2, log
-    assert len(errors) == 1 and "--engine torch needs torch" in errors[0] and "CUDA image" in errors[0], log
 
 
 def test_the_cuda_image_compiles_the_torch_engine_and_serves(pod):
