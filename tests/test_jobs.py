@@ -107,8 +107,13 @@ def test_a_dead_workers_chunk_is_taken_over_none_lost_none_duplicated(redis_serv
     asyncio.run(main())
 
 
-def test_a_live_worker_on_a_slow_chunk_keeps_it(make_store):
-    """The heartbeat: a chunk that takes longer than the visibility timeout is not handed to a second worker."""
+def test_a_live_worker_on_a_slow_chunk_keeps_it(redis_server):
+    """The heartbeat: a chunk that takes longer than the visibility timeout is not handed to a second worker
+    (on its own Redis connection, as another replica). Redis only: the in-process store has one worker
+    pool and never hands a chunk over, so there it could not fail."""
+    def make_store(visibility_timeout_s: float) -> RedisJobStore:
+        return RedisJobStore(connect(redis_server.url, 10, retries=3), 60, visibility_timeout_s)
+
     async def main():
         store = make_store(visibility_timeout_s=0.6)
         job = await store.create(None, files_named(2), None, chunk_size=2)
