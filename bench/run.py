@@ -9,7 +9,10 @@ server in turn, so drift of the machine hits all alike:
 - predictor, torch fp32 eager: the same server with the seed's arithmetic (separates what batching
   and the server gain from what quantization gains);
 - seed-style baseline: one fp32 forward per request in FastAPI's thread pool, torch's default threads,
-  and the same with one intra-op thread per request thread (no oversubscription of the cores).
+  and the same with one intra-op thread per request thread (no oversubscription of the cores);
+- plain ONNX Runtime server: what a user could write instead on the same engine (bench/plain_onnx_server.py:
+  Starlette, one int8 ONNX Runtime call per request, the predictor's decoding and answer, no gates).
+Each server's idle RSS is read once it is ready.
 Then the model alone, per engine and precision, at batch 1 and at the served batch size. Writes
 bench/results/bench.json and bench/results/bench.png and prints Markdown tables.
 """
@@ -144,6 +147,9 @@ def main() -> None:
         return start([sys.executable, "bench/baseline_server.py", "--port", str(port), *flags],
                      f"http://127.0.0.1:{port}/health")
 
+    def plain_onnx(port: int) -> tuple[subprocess.Popen, float]:
+        return start([sys.executable, "bench/plain_onnx_server.py", "--port", str(port)], f"http://127.0.0.1:{port}/health")
+
     caches = tempfile.mkdtemp(prefix="bench-caches-")  # a new pod on a new node: nothing cached
     launch = {
         "predictor": (18180, lambda: predictor(18180, *args.server_args,
@@ -152,17 +158,21 @@ def main() -> None:
                                                                  "--compile", "false", *args.server_args)),
         "seed-style baseline": (18190, lambda: baseline(18190)),
         "seed-style baseline, 1 torch thread": (18191, lambda: baseline(18191, "--torch-threads", "1")),
+        "plain ONNX Runtime server": (18192, lambda: plain_onnx(18192)),
     }
-    servers, start_to_ready = {}, {}
+    servers, start_to_ready, idle_rss_mb = {}, {}, {}
     for name, (port, launcher) in launch.items():
         process, start_to_ready[name] = launcher()
+        time.sleep(2)  # idle: nothing left of the start-up
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        idle_rss_mb[name] = round(int(status.split("VmRSS:")[1].split()[0]) / 1024)
         servers[name] = (process, f"http://127.0.0.1:{port}/classify/image")
     served = served_engine("http://127.0.0.1:18180")
     images = load_images(20)
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                           f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
                "seconds_per_point": args.seconds, "predictor_serves": served,
-               "start_to_ready_seconds": start_to_ready,
+               "start_to_ready_seconds": start_to_ready, "idle_rss_mb": idle_rss_mb,
                "servers": {name: [] for name in servers}}
     try:
         for concurrency in args.concurrency:
@@ -190,10 +200,14 @@ def main() -> None:
         print(f"| {r['engine']} {r['precision']}{' compiled' if r['compiled'] else ''} | {r['batch1_ms']} | "
               f"{r['full_batch_images_per_second']} | {r['load_seconds']} |")
     print(f"\npredictor serves {results['predictor_serves']}")
-    print(f"start to /health 200 (s): {start_to_ready}\n")
+    print(f"start to /health 200 (s): {start_to_ready}")
+    print(f"idle RSS (MB): {idle_rss_mb}\n")
     baseline_rows = {r["concurrency"]: r for r in results["servers"]["seed-style baseline"]}
+    plain_rows = {r["concurrency"]: r for r in results["servers"]["plain ONNX Runtime server"]}
     for r in results["servers"]["predictor"]:
+        plain = plain_rows[r["concurrency"]]
         print(f"c={r['concurrency']}: predictor / seed-style baseline = {r['throughput'] / baseline_rows[r['concurrency']]['throughput']:.2f}x, "
+              f"/ plain ONNX Runtime server = {r['throughput'] / plain['throughput']:.2f}x (p50 {r['p50_ms']} vs {plain['p50_ms']} ms), "
               f"HTTP / model alone = {r['throughput'] / results['model_only_images_per_second']:.0%}")
     print()
     print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | shed (503) |")
