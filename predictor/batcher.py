@@ -19,10 +19,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import logging
+
 import numpy as np
+from kserve.errors import InferenceError
 
 from . import metrics
 from .errors import overloaded
+
+log = logging.getLogger("predictor")
+# What a caller of a failed forward pass is told (500 inference_error; gRPC INTERNAL): the exception
+# itself (a CUDA or ONNX Runtime message, paths, shapes) goes to the log, not to the client.
+FORWARD_FAILED = "The forward pass failed; retrying may succeed."
 
 
 @dataclass
@@ -147,9 +155,12 @@ class DynamicBatcher:
                 logits = await loop.run_in_executor(self._thread, self.forward, images)
             except Exception as exc:  # a failed pass fails only the requests in it
                 metrics.FORWARD_FAILURES.inc()
+                log.error("forward pass of %d images failed", len(images), exc_info=exc)
                 for pending in batch:
                     if not pending.future.done():
-                        pending.future.set_exception(exc)
+                        failure = InferenceError(FORWARD_FAILED)
+                        failure.__cause__ = exc
+                        pending.future.set_exception(failure)
                 continue
             start = 0
             for pending in batch:

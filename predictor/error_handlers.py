@@ -1,5 +1,7 @@
 """The error format for every failure on the app, ours and KServe's: {"error": {"code", "message"}}."""
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from kserve import errors as kserve_errors
@@ -7,6 +9,7 @@ from starlette.exceptions import HTTPException
 
 from .errors import ApiError, error_response
 
+log = logging.getLogger("predictor")
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
           415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
 
@@ -46,8 +49,10 @@ async def _not_supported(_: Request, exc: Exception):
     return error_response(404, "not_supported", str(exc) or "Not supported by this predictor.")
 
 
-async def _internal_error(_: Request, exc: Exception):
-    return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+async def _internal_error(request: Request, exc: Exception):
+    # A bug, not the client's doing: the details go to the log; the client learns nothing of the internals.
+    log.error("%s %s: unexpected %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
+    return error_response(500, "internal_error", "Internal server error.")
 
 
 _HANDLERS = {

@@ -66,8 +66,10 @@ def as_api_error(exc: Exception) -> ApiError:
         return ApiError(503, "model_not_ready", exc.reason)
     if isinstance(exc, NotImplementedError):
         return ApiError(404, "not_supported", str(exc) or "Not supported by this predictor.")
+    if isinstance(exc, kserve_errors.InferenceError):
+        return ApiError(500, "inference_error", exc.reason)
     log.error("gRPC: unexpected %s", type(exc).__name__, exc_info=exc)
-    return ApiError(500, "internal_error", "Internal error.")
+    return ApiError(500, "internal_error", "Internal server error.")
 
 
 def _metadata(headers: dict | None, extra: list[tuple[bytes, bytes]] = ()) -> tuple[tuple[str, str], ...]:

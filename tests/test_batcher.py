@@ -14,7 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from predictor.batcher import DynamicBatcher
+from kserve.errors import InferenceError
+
+from predictor.batcher import FORWARD_FAILED, DynamicBatcher
 from predictor.drain import Drain
 
 
@@ -136,7 +138,10 @@ def test_failed_forward_fails_only_its_batch_and_the_batcher_recovers():
         return bad, good
 
     bad, good = asyncio.run(main())
-    assert isinstance(bad[0], RuntimeError)
+    # The caller gets the fixed inference failure (500 inference_error at the edge), never the engine's
+    # own message; that is kept as the cause, for the log.
+    assert isinstance(bad[0], InferenceError) and str(bad[0]) == FORWARD_FAILED
+    assert "simulated" not in str(bad[0]) and isinstance(bad[0].__cause__, RuntimeError)
     assert [g[0, 0] for g in good] == list(range(6))
 
 

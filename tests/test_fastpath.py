@@ -278,3 +278,13 @@ def test_default_server_serves_onnx_int8_without_compiling(holdout):
     finally:
         server.stop()
         eager.stop()
+
+
+@pytest.mark.slow
+def test_a_gpu_precision_on_a_cpu_stops_with_one_clear_line():
+    result = subprocess.run([sys.executable, "-m", "predictor", "--precision", "fp16", "--device", "cpu",
+                             "--enable_grpc", "false"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert result.returncode == 2, output
+    assert len(errors) == 1 and "cannot serve: --precision fp16 is not available on cpu" in errors[0], output

@@ -75,3 +75,33 @@ def test_serving_imports_no_build_time_code():
     assert "predictor.model" in loaded and "predictor.onnx_engine" in loaded, loaded
     assert not {"predictor.train", "predictor.data", "predictor.quantize", "predictor.evaluate"} & set(loaded), loaded
     assert "torch" not in loaded and "predictor.torch_engine" not in loaded, loaded
+
+
+def test_a_failed_forward_pass_is_a_500_inference_error_that_names_no_internals(cifar_jpegs):
+    """The engine failing under a request (injected after a real load: the engine is the dependency, the
+    error path is what is tested): 500 inference_error with the fixed message; the engine's own text stays
+    in the log; the next pass serves again."""
+    from predictor.batcher import FORWARD_FAILED
+
+    model = Cifar10Classifier("faulty", Settings(model_dir=default_model_dir(), rate_limit_per_minute=0))
+    model.load()
+    app = FastAPI()
+    install(app, model)
+    working = model.batcher.forward
+
+    def failing(images):
+        raise RuntimeError("CUDA error: an illegal memory access at /opt/venv/secret.py:42")
+
+    name, data = next(iter(cifar_jpegs.items()))
+    model.batcher.forward = failing
+    failed = call(app, "POST", "/classify/image", files={"file": (name, data, "image/jpeg")})
+    assert failed.status_code == 500 and failed.json() == {"error": {"code": "inference_error", "message": FORWARD_FAILED}}
+    # gRPC maps the same failure to the same error (then to INTERNAL with its message).
+    from kserve.errors import InferenceError
+
+    from predictor.grpc_server import as_api_error
+
+    error = as_api_error(InferenceError(FORWARD_FAILED))
+    assert (error.status, error.code, error.message) == (500, "inference_error", FORWARD_FAILED)
+    model.batcher.forward = working
+    assert call(app, "POST", "/classify/image", files={"file": (name, data, "image/jpeg")}).status_code == 200
