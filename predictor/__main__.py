@@ -1,34 +1,11 @@
 """`python -m predictor`: KServe's ModelServer serving the CIFAR-10 classifier on port 8080."""
 
-import argparse
-import atexit
 import logging
-import os
-import shutil
 import sys
-import tempfile
 
+from . import kserve_compat
 
-def _docs_on_by_default() -> None:
-    # kserve.model_server builds its FastAPI app from sys.argv at import time, with /docs off by
-    # default; ours is on unless the user says otherwise. Spawned workers inherit sys.argv.
-    if not any(a.startswith("--enable_docs_url") for a in sys.argv):
-        sys.argv[1:1] = ["--enable_docs_url", "true"]
-
-
-def _metrics_across_workers() -> None:
-    # With several worker processes, prometheus_client must count in shared files, and it picks its
-    # storage when first imported (kserve imports it): so decide before importing kserve. Workers
-    # are spawned with this environment; the directory made here goes when the server process ends.
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--workers", type=int, default=1)
-    if pre.parse_known_args()[0].workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="predictor-metrics-")
-        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-
-
-_docs_on_by_default()
-_metrics_across_workers()
+kserve_compat.before_kserve_import()
 
 from kserve import model_server  # noqa: E402
 
@@ -36,11 +13,8 @@ from .app import install  # noqa: E402
 from .config import build_parser, settings_from  # noqa: E402
 from .drain import Drain  # noqa: E402
 from .engine import EngineError  # noqa: E402
-from .grpc_server import use_guarded_grpc  # noqa: E402
 from .model import Cifar10Classifier  # noqa: E402
-from .security import serve_without_proxy_headers  # noqa: E402
 from .weights import WeightsError  # noqa: E402
-from .workers import use_patient_workers  # noqa: E402
 
 log = logging.getLogger("predictor")
 
@@ -62,8 +36,9 @@ def main() -> None:
     settings = settings_from(args)
     model = Cifar10Classifier(args.model_name, settings, Drain())
     try:
+        kserve_compat.check_installed()
         model.load()
-    except (WeightsError, EngineError) as exc:
+    except (WeightsError, EngineError, kserve_compat.IncompatibleKServe) as exc:
         log.error("cannot serve: %s", exc)
         sys.exit(2)
     hops = settings.trusted_proxy_hops
@@ -73,10 +48,10 @@ def main() -> None:
              + (f"X-Forwarded-For entry {hops} from the right ({hops} trusted proxy hop(s))" if hops else "peer address")
              if settings.rate_limit_per_minute else "off",
              settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
-    serve_without_proxy_headers()  # the client address is decided in one place: predictor.security
-    use_guarded_grpc()
+    kserve_compat.serve_without_proxy_headers()  # the client address is decided in one place: predictor.security
+    kserve_compat.use_guarded_grpc()
     if args.workers > 1:
-        use_patient_workers()  # each worker process installs the app itself
+        kserve_compat.use_patient_workers()  # each worker process installs the app itself
     else:
         install(model_server.app, model)
     # KServe hands grace_period to uvicorn as its graceful-shutdown timeout: the drain window.

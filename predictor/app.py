@@ -3,7 +3,7 @@
 KServe serves `kserve.model_server.app` (its worker processes import it by name), so this does not
 build a new app: `install` adds, to the app it is given, our routes (ahead of KServe's, which it
 registers when the server starts), the error format, the guard in front of every route, and the
-drain on SIGTERM. `python -m predictor` calls it in the serving process and `predictor.workers` in
+drain on SIGTERM. `python -m predictor` calls it in the serving process and `predictor.kserve_compat` in
 each worker process; nothing is registered at import time.
 """
 

@@ -12,7 +12,7 @@ of the caller's gRPC deadline and --request_timeout_s (DEADLINE_EXCEEDED) -> cou
 api_requests_total{endpoint="v2_infer"} with the HTTP status its outcome corresponds to. Messages over
 --max_body_bytes are refused by the transport (RESOURCE_EXHAUSTED) before anything is parsed.
 Errors are the HTTP API's, as gRPC status codes; a bad request is never INTERNAL.
-`use_guarded_grpc` makes KServe's ModelServer build this server instead of its own.
+`predictor.kserve_compat.use_guarded_grpc` makes KServe's ModelServer build this server instead of its own.
 """
 
 import asyncio
@@ -226,10 +226,3 @@ class GuardedGRPCServer(kserve_grpc.GRPCServer):
         HTTP side lives in the worker processes, and this process's gRPC calls get gates of their own."""
         (model,) = self._data_plane.model_registry.get_models().values()
         return getattr(model, "gates", None) or Gates.build(model.settings, model.drain)
-
-
-def use_guarded_grpc() -> None:
-    """Make KServe's ModelServer start GuardedGRPCServer for `--enable_grpc true`."""
-    from kserve import model_server
-
-    model_server.GRPCServer = GuardedGRPCServer

@@ -66,7 +66,7 @@ def caller_identity(scope: dict, key: str | None, trusted_proxy_hops: int) -> st
 
 def client_address(scope: dict, trusted_proxy_hops: int) -> str:
     """The caller's address, decided here only (uvicorn's own X-Forwarded-For rewriting is off:
-    `serve_without_proxy_headers`), so the peer in `scope["client"]` is the TCP peer.
+    `kserve_compat.serve_without_proxy_headers`), so the peer in `scope["client"]` is the TCP peer.
 
     0 trusted hops: the peer; X-Forwarded-For is ignored (anyone can write it). N hops: the N
     proxies in front each appended the address they saw, so the N-th entry from the right is the one
@@ -83,29 +83,6 @@ def client_address(scope: dict, trusted_proxy_hops: int) -> str:
     if not entries:
         return peer
     return entries[-min(trusted_proxy_hops, len(entries))]
-
-
-def serve_without_proxy_headers() -> None:
-    """Turn off uvicorn's proxy-header handling in the servers KServe builds (workers included).
-
-    Uvicorn rewrites the client address from X-Forwarded-For for peers in FORWARDED_ALLOW_IPS
-    (127.0.0.1 by default: every caller behind a local proxy such as Knative's queue-proxy), before
-    any middleware runs; the guard would then count whatever address a caller wrote. KServe 0.21
-    builds uvicorn's Config itself and does not expose `proxy_headers`, so it is switched off on
-    the Config of every RESTServer (spawned workers receive that Config pickled).
-    """
-    from kserve.protocol.rest import server as rest
-
-    original = rest.RESTServer.__init__
-    if getattr(original, "without_proxy_headers", False):
-        return
-
-    def init(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.config.proxy_headers = False
-
-    init.without_proxy_headers = True
-    rest.RESTServer.__init__ = init
 
 
 @dataclass

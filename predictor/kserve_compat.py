@@ -1,0 +1,176 @@
+"""Every change this predictor makes to KServe's own code, in one place, and the checks that they still fit.
+
+Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe offers no setting for it:
+
+- `before_kserve_import`: /docs on unless turned off (KServe builds its app from `sys.argv` at import
+  time, /docs off by default), and Prometheus' multiprocess directory with `--workers N`
+  (prometheus_client picks its storage when kserve first imports it);
+- `serve_without_proxy_headers`: uvicorn's proxy-header rewriting off in every RESTServer (KServe
+  builds uvicorn's Config and does not expose `proxy_headers`; predictor.security decides the client);
+- `use_guarded_grpc`: KServe's ModelServer builds predictor.grpc_server.GuardedGRPCServer (the HTTP
+  gates on gRPC, no model repository API) instead of its GRPCServer;
+- `use_patient_workers`: with `--workers N`, each worker process installs our app before KServe's
+  routes, and may take 60 s instead of 5 s to answer KServe's liveness ping.
+
+`problems()` checks what these patches rely on (names, signatures, attributes KServe's code sets);
+`check_installed()` stops the server with one line per broken assumption when an upgrade breaks one,
+instead of serving without a gate. tests/test_kserve_compat.py holds both to the installed kserve.
+"""
+
+import argparse
+import atexit
+import inspect
+import os
+import shutil
+import sys
+import tempfile
+from importlib import metadata
+
+WRITTEN_FOR = "0.21.0"
+WORKER_ANSWER_TIMEOUT_S = 60.0
+
+
+class IncompatibleKServe(RuntimeError):
+    """The installed kserve no longer fits what this module patches."""
+
+
+def before_kserve_import() -> None:
+    """Call before anything imports kserve (predictor.__main__ does, first thing)."""
+    if not any(a.startswith("--enable_docs_url") for a in sys.argv):
+        sys.argv[1:1] = ["--enable_docs_url", "true"]  # spawned workers inherit sys.argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--workers", type=int, default=1)
+    if pre.parse_known_args()[0].workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers are spawned with this environment; the directory goes when the server process ends.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="predictor-metrics-")
+        atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+def serve_without_proxy_headers() -> None:
+    """Turn off uvicorn's proxy-header handling in the servers KServe builds (workers included).
+
+    Uvicorn rewrites the client address from X-Forwarded-For for peers in FORWARDED_ALLOW_IPS
+    (127.0.0.1 by default: every caller behind a local proxy such as Knative's queue-proxy), before
+    any middleware runs; the guard would then count whatever address a caller wrote. So it is
+    switched off on the Config of every RESTServer (spawned workers receive that Config pickled).
+    """
+    from kserve.protocol.rest import server as rest
+
+    original = rest.RESTServer.__init__
+    if getattr(original, "without_proxy_headers", False):
+        return
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.config.proxy_headers = False
+
+    init.without_proxy_headers = True
+    rest.RESTServer.__init__ = init
+
+
+def use_guarded_grpc() -> None:
+    """Make KServe's ModelServer start GuardedGRPCServer for `--enable_grpc true`."""
+    from kserve import model_server
+
+    from .grpc_server import GuardedGRPCServer
+
+    model_server.GRPCServer = GuardedGRPCServer
+
+
+def use_patient_workers() -> None:
+    """Make KServe's multi-process server start and watch its workers as PatientWorkerProcess."""
+    from kserve.protocol.rest.multiprocess import server as multiprocess
+
+    multiprocess.RESTServerProcess = _patient_worker_process()
+
+
+def _patient_worker_process() -> type:
+    from kserve.protocol.rest.multiprocess import server as multiprocess
+
+    base = multiprocess.RESTServerProcess
+    if getattr(base, "patient", False):
+        return base
+
+    class PatientWorkerProcess(base):
+        """A KServe worker process that wires our app first (KServe spawns each worker with the model
+        pickled and has it import `kserve.model_server.app` by name) and whose liveness ping may take
+        WORKER_ANSWER_TIMEOUT_S: a spawned worker answers only once it has imported its libraries and
+        unpickled the model, which takes longer than KServe's 5 s on a busy 2-core node; KServe would
+        kill it and start another, forever."""
+
+        patient = True
+
+        def is_alive(self, timeout: float = WORKER_ANSWER_TIMEOUT_S) -> bool:
+            return super().is_alive(timeout)
+
+        def target(self, *args, **kwargs):
+            # Runs in the worker process: the REST server it is about to run holds the unpickled model.
+            from kserve import model_server
+
+            from .app import install
+
+            rest_server = self._real_target.__self__
+            for model in rest_server.dataplane.model_registry.get_models().values():
+                install(model_server.app, model)
+            return super().target(*args, **kwargs)
+
+    PatientWorkerProcess.__module__, PatientWorkerProcess.__qualname__ = __name__, "PatientWorkerProcess"
+    globals()["PatientWorkerProcess"] = PatientWorkerProcess
+    return PatientWorkerProcess
+
+
+def __getattr__(name: str):
+    # The worker class subclasses KServe's, so it is made only once kserve may be imported (after
+    # before_kserve_import); a spawned worker unpickling it by name gets it made here on first lookup.
+    if name == "PatientWorkerProcess":
+        return _patient_worker_process()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def problems() -> list[str]:
+    """What no longer holds in the installed kserve of what the patches above assume (empty: all holds)."""
+    from kserve import model_server
+    from kserve.protocol.grpc import server as grpc_server
+    from kserve.protocol.rest import server as rest
+    from kserve.protocol.rest.multiprocess import server as multiprocess
+
+    found = []
+
+    def expect(condition: bool, what: str) -> None:
+        if not condition:
+            found.append(what)
+
+    expect(any(getattr(a, "dest", None) == "enable_docs_url" for a in getattr(model_server.parser, "_actions", ())),
+           "kserve.model_server.parser has no --enable_docs_url (before_kserve_import)")
+    expect(hasattr(model_server, "app"), "kserve.model_server.app is gone (use_patient_workers installs on it)")
+    init = getattr(rest.RESTServer.__init__, "__wrapped__", rest.RESTServer.__init__)
+    expect(getattr(rest.RESTServer.__init__, "without_proxy_headers", False) or "self.config" in _source(init),
+           "RESTServer.__init__ no longer sets self.config, the uvicorn Config (serve_without_proxy_headers)")
+    expect(hasattr(model_server, "GRPCServer") and "GRPCServer(" in _source(model_server.ModelServer),
+           "ModelServer no longer builds its gRPC server as model_server.GRPCServer (use_guarded_grpc)")
+    grpc_init = _source(grpc_server.GRPCServer.__init__)
+    expect(all(f"self.{name}" in grpc_init for name in ("_data_plane", "_model_repository_extension", "_port", "_kwargs")),
+           "GRPCServer.__init__ no longer keeps _data_plane, _model_repository_extension, _port, _kwargs (GuardedGRPCServer)")
+    expect(list(inspect.signature(grpc_server.GRPCServer.start).parameters) == ["self", "max_workers"],
+           "GRPCServer.start(max_workers) changed (GuardedGRPCServer overrides it)")
+    process = getattr(multiprocess, "RESTServerProcess", None)
+    expect(process is not None and "timeout" in inspect.signature(process.is_alive).parameters,
+           "RESTServerProcess.is_alive(timeout) is gone (use_patient_workers)")
+    expect(process is not None and callable(getattr(process, "target", None)) and "_real_target" in _source(multiprocess),
+           "RESTServerProcess no longer runs its server through target/_real_target (use_patient_workers)")
+    return found
+
+
+def check_installed() -> None:
+    """Raise IncompatibleKServe, naming the installed version and each broken assumption, if any."""
+    broken = problems()
+    if broken:
+        raise IncompatibleKServe(f"kserve {metadata.version('kserve')} is installed; predictor.kserve_compat was "
+                                 f"written for {WRITTEN_FOR} and these no longer hold: {'; '.join(broken)}")
