@@ -32,16 +32,18 @@ import httpx
 import pytest
 import yaml
 
+from predictor.config import declared
+
 from .conftest import IMAGES, free_port, stop_process
 from .deploy_common import (CHART, NAMESPACE, PROMTOOL, RELEASE, SEED_QUERIES, Prometheus, kserve_pod, one,
                             predictor_container, render, render_notes, rules_file, run, tool, wait_for)
 
 # Form field of each routed form path.
 FORM_FIELDS = {"/classify/image": "file", "/classify/batch": "files"}
-PREDICTOR_ENV = ("STORAGE_URI", "MODEL_DIR", "MODEL_NAME", "DEVICE", "MAX_BATCH_SIZE", "MAX_BATCH_DELAY_MS",
-                 "MAX_BATCH_FILES", "MAX_BODY_BYTES", "MAX_IMAGE_SIDE", "DECODE_THREADS", "INTRA_OP_THREADS", "ENGINE", "PRECISION",
-                 "MAX_QUEUE_IMAGES", "REQUEST_TIMEOUT_S", "DRAIN_TIMEOUT_S", "RATE_LIMIT_PER_MINUTE", "TRUSTED_PROXY_HOPS",
-                 "API_KEYS", "API_KEYS_FILE", "TORCHINDUCTOR_CACHE_DIR")
+# Every variable the predictor reads (predictor.config declares them; KServe's storage initializer
+# and torch's caches besides): the chart's pod must not inherit any of them from this machine.
+PREDICTOR_ENV = tuple(f.metadata["env"] for f in declared() if f.metadata["env"]) + (
+    "STORAGE_URI", "MODEL_NAME", "API_KEYS", "TORCHINDUCTOR_CACHE_DIR")
 # The module sends a few hundred requests from one address within a minute (traffic, scrapes):
 # the chart's per-client rate limit (100/min) is lifted through its own value for the contract.
 # This machine has no GPU: the pod the chart renders for a CPU node (a GPU pod stops here, as it must).
