@@ -151,7 +151,7 @@ def build_engine(card: dict, model_dir: Path | None, *, reference: ReferenceNetw
                     "weights)", runner.precision)
         return runner
     try:
-        check_agreement(runner, reference, calibration)
+        check_agreement(runner, fp32_classes(card, reference, calibration), calibration)
     except WeightsError as exc:
         if precision != "auto" or runner.precision == "int8":
             raise
@@ -160,11 +160,20 @@ def build_engine(card: dict, model_dir: Path | None, *, reference: ReferenceNetw
     return runner
 
 
-def check_agreement(runner, reference: ReferenceNetwork, calibration: np.ndarray | None) -> float:
-    """Share of the calibration images on which `runner` picks the fp32 network's class; raises below the floor."""
-    if calibration is None:
-        raise WeightsError(f"{runner.precision} needs the calibration images shipped with the weights")
-    agreement = float((runner.logits(calibration).argmax(1) == reference.logits(calibration).argmax(1)).mean())
+def fp32_classes(card: dict, reference: ReferenceNetwork, calibration: np.ndarray) -> np.ndarray:
+    """The fp32 network's class for each calibration image: as quantization recorded them in the card
+    (bound to the weights' and the images' sha256, so the gate costs one reduced-precision pass at
+    start-up), else computed by `reference` (a user's export without the record)."""
+    recorded = card.get("int8_calibration", {}).get("fp32_classes")
+    if recorded is not None and len(recorded) == len(calibration):
+        return np.asarray(recorded, np.int64)
+    return reference.logits(calibration).argmax(1)
+
+
+def check_agreement(runner, expected: np.ndarray, calibration: np.ndarray) -> float:
+    """Share of the calibration images on which `runner` picks the fp32 network's class (`expected`);
+    raises below the floor."""
+    agreement = float((runner.logits(calibration).argmax(1) == expected).mean())
     if agreement < MIN_AGREEMENT:
         raise WeightsError(f"the {runner.precision} engine agrees with the fp32 network on only {agreement:.1%} of "
                            f"the calibration images (floor {MIN_AGREEMENT:.0%}): refusing to serve it")

@@ -7,6 +7,7 @@ each batch norm folded into the convolution before it (eval mode); tests/test_re
 to the torch network's numbers.
 """
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -144,21 +145,19 @@ def resnet18_graph(state: dict[str, np.ndarray]) -> bytes:
 
 
 class ReferenceNetwork:
-    """The fp32 network for checks and explanations. `run` is blocking and thread-safe (one ORT session)."""
+    """The fp32 network for checks and explanations. `run` is blocking and thread-safe (one ORT session).
+
+    The weights are checked at construction; the ONNX Runtime session is built on the first `run`
+    (~0.5 s): a server whose gate reads the card's recorded fp32 classes needs it only for `:explain`,
+    so neither its start-up nor its idle memory pays for it."""
 
     def __init__(self, state: dict[str, np.ndarray], threads: int = 1, path: Path | None = None):
         check_state(state, str(path or "weights"))
         self.threads, self.path = threads, path
-        self._state = None if path else state  # what a worker process rebuilds from when no file holds it
+        self._state = None if path else state  # what the session is built from when no file holds it
         self.fc_weight = np.asarray(state["fc.weight"], np.float32)  # [10, 512]: CAM's class weights
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # Used at load and by :explain, not per request: memory goes back after each run rather than
-        # staying in an arena sized for the largest batch seen (256 calibration images: ~0.3 GB).
-        options.enable_cpu_mem_arena = False
-        self._session = onnxruntime.InferenceSession(resnet18_graph(state), options, providers=["CPUExecutionProvider"])
+        self._session: onnxruntime.InferenceSession | None = None
+        self._building = threading.Lock()
 
     @classmethod
     def from_file(cls, path: Path, threads: int = 1) -> "ReferenceNetwork":
@@ -166,16 +165,32 @@ class ReferenceNetwork:
         return cls(read_state(path), threads, path)
 
     def __getstate__(self) -> dict:
-        # ONNX Runtime sessions don't pickle: a worker process (--workers > 1) builds its own.
+        # ONNX Runtime sessions and locks don't pickle: a worker process (--workers > 1) builds its own.
         return {"path": self.path, "threads": self.threads, "state": self._state}
 
     def __setstate__(self, pickled: dict) -> None:
         path = pickled["path"]
         self.__init__(read_state(path) if path else pickled["state"], pickled["threads"], path)
 
+    def _built_session(self) -> onnxruntime.InferenceSession:
+        with self._building:
+            if self._session is None:
+                options = onnxruntime.SessionOptions()
+                options.intra_op_num_threads = self.threads
+                options.inter_op_num_threads = 1
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                # Used by :explain (and a gate without recorded classes), not per request: memory goes
+                # back after each run rather than staying in an arena sized for the largest batch seen.
+                options.enable_cpu_mem_arena = False
+                state = self._state if self._state is not None else read_state(self.path)
+                self._session = onnxruntime.InferenceSession(resnet18_graph(state), options,
+                                                             providers=["CPUExecutionProvider"])
+            return self._session
+
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 images [N, 32, 32, 3] -> (fp32 logits [N, 10], layer4 feature maps [N, 512, 4, 4])."""
-        logits, features = self._session.run([LOGITS, FEATURES], {INPUT: np.ascontiguousarray(images, np.uint8)})
+        session = self._session or self._built_session()
+        logits, features = session.run([LOGITS, FEATURES], {INPUT: np.ascontiguousarray(images, np.uint8)})
         return logits, features
 
     def logits(self, images: np.ndarray) -> np.ndarray:

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from predictor.engine import fp32_classes
 from predictor.explain import grad_cam
 from predictor.imaging import decode_image
 from predictor.network import normalize
 from predictor.reference import ReferenceNetwork, check_state
-from predictor.weights import PACKAGED_DIR, WeightsError, load_model, read_state, verified_weights
+from predictor.weights import PACKAGED_DIR, WeightsError, calibration_images, load_model, read_state, verified_weights
 
 pytestmark = pytest.mark.slow
 
@@ -74,3 +75,13 @@ def test_weights_for_another_network_are_refused(networks):
                    state | {"layer5.0.conv1.weight": np.zeros((1, 1, 1, 1), np.float32)}):
         with pytest.raises(WeightsError, match="do not fit the ResNet18 CIFAR-10 network"):
             check_state(broken, str(path))
+
+
+def test_the_cards_recorded_fp32_classes_are_the_fp32_networks(networks):
+    """The int8 gate at start-up compares with these instead of running the fp32 network: they must be
+    what the shipped fp32 network answers on the shipped calibration images."""
+    reference, _ = networks
+    _, card = verified_weights(PACKAGED_DIR)
+    calibration = calibration_images(PACKAGED_DIR, card)
+    assert fp32_classes(card, reference, calibration).tolist() == reference.logits(calibration).argmax(1).tolist()
+    assert len(card["int8_calibration"]["fp32_classes"]) == len(calibration)
