@@ -61,18 +61,15 @@ FROM deps AS builder
 # fails if the installed weights, int8 calibration images or int8 ONNX graph do not match their model
 # card's sha256. The same wheel is also installed under /staging (pip --root): just the project's
 # files, at their /opt/venv paths, for the final stages' second, small layer, without the build-time
-# modules (training, data loading, quantization, evaluation reports).
+# package predictor.training (training, data loading, quantization, evaluation reports).
 COPY README.md ./
 COPY predictor/ predictor/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
     && pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
     && pip install --no-cache-dir --no-deps --ignore-installed --root /staging /tmp/wheels/*.whl \
-    && python -I -c "import predictor.weights as w, predictor.onnx_engine as o; \
+    && python -I -c "import predictor.weights as w, predictor.engines.onnx_int8 as o; \
 card = w.verified_weights(w.PACKAGED_DIR)[1]; w.calibration_images(w.PACKAGED_DIR, card); o.onnx_int8_path(w.PACKAGED_DIR, card)" \
-    && for module in train data quantize evaluate calibration reports; do \
-        rm "/staging/opt/venv/lib/python3.11/site-packages/predictor/$module.py" \
-           /staging/opt/venv/lib/python3.11/site-packages/predictor/__pycache__/"$module".*.pyc; \
-    done
+    && rm -r /staging/opt/venv/lib/python3.11/site-packages/predictor/training
 
 # ---------------------------------------------------------------------------------------------
 # What both images run on: Python, tini as PID 1, the non-root user, the entrypoint.

@@ -51,18 +51,18 @@ data: $(DATA_DIR)/train
 # The CPU recipe (the training defaults: 40 one-cycle epochs, batch 128, peak LR 0.1, Cutout 12; ≈ 5 h on a
 # 2-core CPU, 91.68 %), writing predictor/weights/; then the int8 calibration set (training-split images).
 train: install data
-	$(PY) -m predictor.train --data $(DATA_DIR)/train
-	$(PY) -m predictor.quantize --data $(DATA_DIR)/train
+	$(PY) -m predictor.training.train --data $(DATA_DIR)/train
+	$(PY) -m predictor.training.quantize --data $(DATA_DIR)/train
 
 # The shipped weights (93.12 %): the same recipe on CUDA for 80 epochs, then 80 more warm-started from
 # them (≈ 11 min on one H200), writing predictor/weights/; then the int8 calibration set.
 train-gpu: install data
-	$(PY) -m predictor.train --data $(DATA_DIR)/train --device cuda --epochs 80 --run-dir runs/gpu --out runs/gpu/export
-	$(PY) -m predictor.train --data $(DATA_DIR)/train --device cuda --epochs 80 --init-from runs/gpu/export --run-dir runs/gpu2
-	$(PY) -m predictor.quantize --data $(DATA_DIR)/train
+	$(PY) -m predictor.training.train --data $(DATA_DIR)/train --device cuda --epochs 80 --run-dir runs/gpu --out runs/gpu/export
+	$(PY) -m predictor.training.train --data $(DATA_DIR)/train --device cuda --epochs 80 --init-from runs/gpu/export --run-dir runs/gpu2
+	$(PY) -m predictor.training.quantize --data $(DATA_DIR)/train
 
 evaluate: install data
-	$(PY) -m predictor.evaluate --data $(DATA_DIR)/train
+	$(PY) -m predictor.training.evaluate --data $(DATA_DIR)/train
 
 # Throughput/latency of the predictor vs the seed-style baseline and the model alone, then the
 # workers x threads table the chart's defaults come from (run on a quiet machine).

@@ -4,7 +4,7 @@ call per request (no batching, no gates), the predictor's own decoding and answe
     python bench/plain_onnx_server.py --port 8091
 
 The same shipped int8 graph and ONNX Runtime settings as the predictor's default engine
-(predictor.onnx_engine.OnnxEngine: sequential, no spinning, the usable cores as intra-op threads), so
+(predictor.engines.onnx_int8.OnnxEngine: sequential, no spinning, the usable cores as intra-op threads), so
 that `make bench` shows what the predictor's serving stack costs or gains over none.
 """
 
@@ -20,9 +20,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from predictor.cifar import CLASSES
-from predictor.engine import usable_cores
-from predictor.imaging import decode_image
-from predictor.onnx_engine import OnnxEngine, onnx_int8_path
+from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path
+from predictor.engines.selection import usable_cores
+from predictor.serving.imaging import decode_image
 from predictor.weights import PACKAGED_DIR, read_card
 
 card = read_card(PACKAGED_DIR)

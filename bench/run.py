@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
-from predictor.engine import usable_cores  # noqa: E402
-from predictor.torch_engine import InferenceEngine  # noqa: E402
-from predictor.onnx_engine import OnnxEngine, onnx_int8_path  # noqa: E402
+from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path  # noqa: E402
+from predictor.engines.selection import usable_cores  # noqa: E402
+from predictor.engines.torch_engine import InferenceEngine  # noqa: E402
 from predictor.weights import PACKAGED_DIR, calibration_images, load_model  # noqa: E402
 
 

@@ -22,7 +22,7 @@ from bench.run import load_images, predictor_command, start  # noqa: E402
 
 # First matching marker in a stack (innermost frame first) names its stage.
 STAGES = [
-    ("forward pass (ONNX Runtime or torch)", ("engine.py", "onnxruntime", "torch/", "_inductor", "torchao")),
+    ("forward pass (ONNX Runtime or torch)", ("engines/", "onnxruntime", "torch/", "_inductor", "torchao")),
     ("image decode + resize (PIL)", ("imaging.py", "PIL/")),
     ("multipart / form parsing", ("multipart", "formparsers", "python_multipart")),
     ("batching, pre/postprocess", ("batcher.py", "model.py", "payloads.py")),

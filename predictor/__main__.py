@@ -3,18 +3,18 @@
 import logging
 import sys
 
-from . import kserve_compat
+from predictor.serving import kserve_compat
 
 kserve_compat.before_kserve_import()
 
 from kserve import model_server  # noqa: E402
 
-from .app import install  # noqa: E402
-from .config import build_parser, settings_from  # noqa: E402
-from .drain import Drain  # noqa: E402
-from .engine import EngineError  # noqa: E402
-from .model import Cifar10Classifier  # noqa: E402
-from .weights import WeightsError  # noqa: E402
+from predictor.config import build_parser, settings_from  # noqa: E402
+from predictor.engines.selection import EngineError  # noqa: E402
+from predictor.model import Cifar10Classifier  # noqa: E402
+from predictor.serving.app import install  # noqa: E402
+from predictor.serving.drain import Drain  # noqa: E402
+from predictor.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("predictor")
 
@@ -48,7 +48,7 @@ def main() -> None:
              + (f"X-Forwarded-For entry {hops} from the right ({hops} trusted proxy hop(s))" if hops else "peer address")
              if settings.rate_limit_per_minute else "off",
              settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
-    kserve_compat.serve_without_proxy_headers()  # the client address is decided in one place: predictor.security
+    kserve_compat.serve_without_proxy_headers()  # the client address is decided in one place: predictor.serving.security
     kserve_compat.use_guarded_grpc()
     if args.workers > 1:
         kserve_compat.use_patient_workers()  # each worker process installs the app itself

@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .security import ApiKeys
-from .weights import PACKAGED_DIR
+from predictor.serving.security import ApiKeys
+from predictor.weights import PACKAGED_DIR
 
 DEFAULT_MODEL_NAME = "cifar10-resnet18"
 STORAGE_MOUNT = Path("/mnt/models")  # where KServe's storage initializer puts STORAGE_URI's files

@@ -2,7 +2,7 @@
 
 The classification core: decode images off the event loop, batch them with concurrent requests
 through one DynamicBatcher, and turn logits into temperature-scaled probabilities. Which images a
-request carries and what its answer looks like is its protocol adapter's business (predictor.protocols).
+request carries and what its answer looks like is its protocol adapter's business (predictor.serving.protocols).
 """
 
 import asyncio
@@ -15,17 +15,17 @@ import kserve
 import numpy as np
 from kserve.protocol.infer_type import InferResponse
 
-from . import metrics, payloads
-from .batcher import DynamicBatcher
-from .config import Settings
-from .drain import Drain
-from .cifar import CLASSES, IMAGE_SIZE
-from .engine import build_engine, usable_cores
-from .errors import ApiError
-from .imaging import decode_image
-from .protocols import ClassifyRequest, Prepared, Slots, adapter_for
-from .reference import ReferenceNetwork, random_state
-from .weights import WeightsError, calibration_images, network_from_file, network_from_state, verified_weights
+from predictor.cifar import CLASSES, IMAGE_SIZE
+from predictor.config import Settings
+from predictor.engines.reference import ReferenceNetwork, random_state
+from predictor.engines.selection import build_engine, usable_cores
+from predictor.serving import metrics, payloads
+from predictor.serving.batcher import DynamicBatcher
+from predictor.serving.drain import Drain
+from predictor.serving.errors import ApiError
+from predictor.serving.imaging import decode_image
+from predictor.serving.protocols import ClassifyRequest, Prepared, Slots, adapter_for
+from predictor.weights import WeightsError, calibration_images, network_from_file, network_from_state, verified_weights
 
 log = logging.getLogger("predictor")
 
@@ -50,7 +50,7 @@ class Cifar10Classifier(kserve.Model):
         self.card: dict = {}
         self.temperature = 1.0
         self.version = "untrained"
-        self.runner = None  # an InferenceEngine or OnnxEngine (predictor.engine.build_engine)
+        self.runner = None  # an InferenceEngine or OnnxEngine (predictor.engines.selection.build_engine)
         self.batcher: DynamicBatcher | None = None
         self.forward_ok = False
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None

@@ -1,11 +1,11 @@
 """The network as torch builds it, for training, evaluation and the torch engine (serving on ONNX
-Runtime builds the same network from the weights without torch: predictor.reference)."""
+Runtime builds the same network from the weights without torch: predictor.engines.reference)."""
 
 import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from .cifar import CLASSES, MEAN, STD
+from predictor.cifar import CLASSES, MEAN, STD
 
 _MEAN = torch.tensor(MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(STD).view(1, 3, 1, 1)

@@ -6,14 +6,14 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter
 
-from .cache import CachedClassifier, ResultCache
-from .jobs import JobStore, JobWorker
-from .config import Settings
-from .jobs_api import QueuedBytes, build_jobs_router
-from .jobs_memory import MemoryJobStore
-from .jobs_redis import RedisJobStore
-from .redis_client import connect
-from .security import RateLimiter
+from predictor.config import Settings
+from predictor.jobs.api import QueuedBytes, build_jobs_router
+from predictor.jobs.core import JobStore, JobWorker
+from predictor.jobs.memory_store import MemoryJobStore
+from predictor.jobs.redis_store import RedisJobStore
+from predictor.redis_client import connect
+from predictor.serving.cache import CachedClassifier, ResultCache
+from predictor.serving.security import RateLimiter
 
 log = logging.getLogger("predictor")
 

@@ -1,6 +1,6 @@
 """Shipped weights and what ships beside them (model card, int8 calibration images, the ONNX graph's
 input name): saving, and loading with integrity checks. Serving reads them; building them is
-`predictor.train` and `predictor.quantize`. Reading the weights as arrays needs no torch (the default
+`predictor.training.train` and `predictor.training.quantize`. Reading the weights as arrays needs no torch (the default
 engine serves without it); torch is imported only to make a torch network of them."""
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def network_from_state(state: dict[str, np.ndarray], source: str = "weights") ->
     """fp32 torch network in eval mode from a state dict of arrays."""
     import torch
 
-    from .network import build_resnet18
+    from predictor.network import build_resnet18
 
     model = build_resnet18()
     try:
@@ -107,7 +107,7 @@ def calibration_images(directory: Path, card: dict) -> np.ndarray:
     path = Path(directory) / CALIBRATION_FILE
     expected = card.get("int8_calibration", {}).get("sha256")
     if not path.is_file() or expected is None:
-        raise WeightsError(f"{path}: no calibration images for int8 (run `python -m predictor.quantize --data DIR`)")
+        raise WeightsError(f"{path}: no calibration images for int8 (run `python -m predictor.training.quantize --data DIR`)")
     if sha256_of(path) != expected:
         raise WeightsError(f"{path}: sha256 does not match the model card's")
     images = np.load(path, allow_pickle=False)

@@ -152,6 +152,38 @@ def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def multipart(files: list[bytes]) -> list[tuple]:
+    """httpx's `files=` for a /classify/batch or /classify/jobs upload of these JPEG bytes."""
+    return [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(files)]
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
+    """Poll `condition` until it returns something true and return that; fail after `timeout` seconds (a
+    bound, not a pace) with its last value, or the connection or parse error it last raised."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if found := condition():
+                return found
+            last = found
+        except (httpx.TransportError, ValueError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"not within {timeout} s: {what} (last: {last!r})")
+
+
+def wait_for_job(server: "Server", job_id: str, statuses: tuple[str, ...], headers: dict | None = None,
+                 timeout: float = 120, **params) -> dict:
+    """The job's status page once its status is one of `statuses` (each read must be a 200)."""
+    def page() -> dict | None:
+        response = server.client.get(f"/classify/jobs/{job_id}", params=params, headers=headers)
+        assert response.status_code == 200, response.text
+        return response.json() if response.json()["status"] in statuses else None
+
+    return wait_until(page, timeout, f"job {job_id} to be {' or '.join(statuses)}", interval=0.2)
+
+
 # -- tiers -----------------------------------------------------------------------------------------
 # `make test` runs every test but the image suite: the whole truth. `make test-fast` (-m "not slow")
 # is the edit-run loop: unit and in-process tests only. Slow: a module whose tests start real server

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from .conftest import free_port, stop_process
+from .conftest import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "cifar10-classifier"
@@ -291,21 +290,6 @@ SEED_QUERIES = (
 )
 
 
-def wait_for(check, timeout: float, what: str, interval: float = 0.5):
-    """Polls `check` until it returns something true; its last value or error is in the failure."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (httpx.TransportError, ValueError) as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
 def rules_file(objects: list[dict], path: Path, annotations: bool = True) -> Path:
     """The PrometheusRule's groups as a Prometheus rule file (promtool's unit tests compare labels only)."""
     groups = one(objects, "PrometheusRule")["spec"]["groups"]
@@ -342,7 +326,7 @@ class Prometheus:
                                          "--log.level=warn"], stdout=self._log, stderr=subprocess.STDOUT, cwd=folder)
         self.client = httpx.Client(base_url=f"http://{web}", timeout=10)
         try:
-            wait_for(lambda: self.process.poll() is None and self.client.get("/-/ready").status_code == 200, 60,
+            wait_until(lambda: self.process.poll() is None and self.client.get("/-/ready").status_code == 200, 60,
                      "Prometheus to be ready")
         except AssertionError:
             self.stop()

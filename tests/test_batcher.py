@@ -13,11 +13,10 @@ import time
 
 import numpy as np
 import pytest
-
 from kserve.errors import InferenceError
 
-from predictor.batcher import FORWARD_FAILED, DynamicBatcher
-from predictor.drain import Drain
+from predictor.serving.batcher import FORWARD_FAILED, DynamicBatcher
+from predictor.serving.drain import Drain
 
 
 class StubForward:

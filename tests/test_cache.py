@@ -5,9 +5,8 @@ import time
 
 import pytest
 
-from .conftest import Server
+from .conftest import Server, multipart, wait_for_job, wait_until
 from .redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
-from .test_jobs import multipart, wait_until
 
 
 def classify(server: Server, data: bytes, **params):
@@ -90,11 +89,9 @@ def test_redis_stopping_mid_run_never_fails_a_classify_call(redis_server, holdou
         metrics = server.client.get("/metrics").text
         assert 'predictor_cache_redis_failures_total' in metrics
         redis_server.start()  # back again: jobs are accepted and run
-        deadline = time.monotonic() + 30
-        while (accepted := server.client.post("/classify/jobs", files=multipart([seen]))).status_code != 202:
-            assert time.monotonic() < deadline, accepted.text
-            time.sleep(0.5)
-        assert wait_until(server, accepted.json()["job_id"], ("succeeded",))["progress"]["done"] == 1
+        accepted = wait_until(lambda: (r := server.client.post("/classify/jobs", files=multipart([seen]))).status_code == 202
+                              and r, 30, "a job to be accepted again", interval=0.5)
+        assert wait_for_job(server, accepted.json()["job_id"], ("succeeded",))["progress"]["done"] == 1
     finally:
         server.stop()
 
@@ -107,7 +104,7 @@ def test_without_redis_jobs_and_the_cache_live_in_the_process(holdout):
         assert classify(server, data)[0] == "miss" and classify(server, data)[0] == "hit"
         job = server.client.post("/classify/jobs", files=multipart([data, b""]))
         assert job.status_code == 202, job.text
-        done = wait_until(server, job.json()["job_id"], ("succeeded",))
+        done = wait_for_job(server, job.json()["job_id"], ("succeeded",))
         assert done["results"][1]["error"]["code"] == "empty_file"
     finally:
         server.stop()

@@ -32,7 +32,7 @@ def seed(served, cifar_jpegs) -> dict:
 
 @pytest.fixture(scope="module")
 def pixels(cifar_jpegs) -> np.ndarray:
-    from predictor.imaging import decode_image
+    from predictor.serving.imaging import decode_image
 
     return decode_image(cifar_jpegs["ship_0000.jpg"])[None]
 
@@ -252,7 +252,7 @@ def test_head_works_wherever_get_does_and_post_routes_say_allow_post(served):
 
 def test_openapi_does_not_list_the_refused_repository_api(served):
     paths = served.client.get("/openapi.json").json()["paths"]
-    assert f"/v2/models/{{model_name}}/infer" in paths
+    assert "/v2/models/{model_name}/infer" in paths
     assert not [p for p in paths if p.startswith("/v2/repository")], list(paths)
 
 

@@ -24,8 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -34,9 +32,9 @@ import yaml
 
 from predictor.config import declared
 
-from .conftest import IMAGES, free_port, stop_process
+from .conftest import IMAGES, free_port, stop_process, wait_until
 from .deploy_common import (CHART, NAMESPACE, PROMTOOL, RELEASE, SEED_QUERIES, Prometheus, kserve_pod, one,
-                            predictor_container, render, render_notes, rules_file, run, tool, wait_for)
+                            predictor_container, render, render_notes, rules_file, run, tool)
 
 # Form field of each routed form path.
 FORM_FIELDS = {"/classify/image": "file", "/classify/batch": "files"}
@@ -96,7 +94,7 @@ def deployed(tmp_path_factory):
     try:
         # The chart serves precision auto: compiled at load, which takes minutes on 2 cores (the
         # chart's startup probe allows 10).
-        wait_for(started, 600, f"{startup} to answer 200 (log: {log_path})")
+        wait_until(started, 600, f"{startup} to answer 200 (log: {log_path})")
         yield SimpleNamespace(objects=objects, container=container, port=port, url=url, client=client, sets=sets,
                               process=process, log_path=log_path)
     finally:
@@ -355,21 +353,21 @@ def test_prometheus_scrapes_the_predictor_as_the_podmonitor_says(prometheus):
         (target,) = prometheus.client.get("/api/v1/targets").json()["data"]["activeTargets"]
         return target if target["health"] == "up" else None
 
-    target = wait_for(target_up, 30, "the scrape target to be up")
+    target = wait_until(target_up, 30, "the scrape target to be up")
     assert target["scrapeUrl"] == f"http://127.0.0.1:{prometheus.port}{prometheus.endpoint['path']}"
     assert target["scrapeInterval"] == prometheus.endpoint["interval"]
     assert target["labels"]["job"] == prometheus.job == RELEASE
     assert target["labels"]["namespace"] == NAMESPACE
-    assert wait_for(lambda: prometheus.has_data(f'up{{namespace="{NAMESPACE}", job="{RELEASE}"}} == 1'), 10, "up == 1")
+    assert wait_until(lambda: prometheus.has_data(f'up{{namespace="{NAMESPACE}", job="{RELEASE}"}} == 1'), 10, "up == 1")
 
 
 def test_after_real_traffic_every_query_returns_data_and_the_alerts_fire(deployed, prometheus, holdout):
     # Before the first scrape no replica was known to serve: that alert resolves once scraped.
-    wait_for(lambda: "Cifar10ClassifierNoReadyReplicas" not in prometheus.firing(), 30, "the no-replica alert to resolve")
+    wait_until(lambda: "Cifar10ClassifierNoReadyReplicas" not in prometheus.firing(), 30, "the no-replica alert to resolve")
     send_traffic(deployed.url, holdout, wave=1)
     # rate() sees only increases between scrapes: a series born with the first 400s reads as a flat
     # line, so send a second wave once Prometheus has the error series.
-    wait_for(lambda: prometheus.has_data(f'api_requests_total{{job="{RELEASE}", code=~"4.."}}'), 30,
+    wait_until(lambda: prometheus.has_data(f'api_requests_total{{job="{RELEASE}", code=~"4.."}}'), 30,
              "the error series to be scraped", interval=1)
     send_traffic(deployed.url, holdout, wave=2)
     expressions = [*SEED_QUERIES, *dashboard_expressions(prometheus.objects, prometheus.job)]
@@ -381,14 +379,14 @@ def test_after_real_traffic_every_query_returns_data_and_the_alerts_fire(deploye
         return not missing
 
     try:
-        wait_for(all_have_data, 60, "every query to return data", interval=1)
+        wait_until(all_have_data, 60, "every query to return data", interval=1)
     except AssertionError as exc:
         raise AssertionError(f"{exc}; no data: {missing}") from None
     rules = rule_expressions(prometheus.objects)
     for alert in ("Cifar10ClassifierHighErrorRate", "Cifar10ClassifierHighLatencyP95"):
         # the rule's own expression, thresholds at 0
-        assert wait_for(lambda: prometheus.has_data(rules[alert]), 30, alert, interval=1), alert
-    wait_for(lambda: {"Cifar10ClassifierHighErrorRate", "Cifar10ClassifierHighLatencyP95"} <= prometheus.firing(), 30,
+        assert wait_until(lambda: prometheus.has_data(rules[alert]), 30, alert, interval=1), alert
+    wait_until(lambda: {"Cifar10ClassifierHighErrorRate", "Cifar10ClassifierHighLatencyP95"} <= prometheus.firing(), 30,
              "the error-rate and latency alerts to fire")
     assert "Cifar10ClassifierNoReadyReplicas" not in prometheus.firing()
     # The rules Prometheus loaded are the chart's, all healthy.
@@ -399,8 +397,8 @@ def test_after_real_traffic_every_query_returns_data_and_the_alerts_fire(deploye
 
 def test_the_no_replica_alert_fires_when_the_predictor_stops(deployed, prometheus):
     """Last in this module: it stops the predictor."""
-    wait_for(lambda: prometheus.has_data(f'up{{job="{RELEASE}"}} == 1'), 30, "the target to be up")
-    wait_for(lambda: "Cifar10ClassifierNoReadyReplicas" not in prometheus.firing(), 30, "the no-replica alert to be quiet")
+    wait_until(lambda: prometheus.has_data(f'up{{job="{RELEASE}"}} == 1'), 30, "the target to be up")
+    wait_until(lambda: "Cifar10ClassifierNoReadyReplicas" not in prometheus.firing(), 30, "the no-replica alert to be quiet")
     deployed.process.terminate()
     deployed.process.wait(30)
-    wait_for(lambda: "Cifar10ClassifierNoReadyReplicas" in prometheus.firing(), 30, "the no-replica alert to fire")
+    wait_until(lambda: "Cifar10ClassifierNoReadyReplicas" in prometheus.firing(), 30, "the no-replica alert to fire")

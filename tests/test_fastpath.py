@@ -4,21 +4,28 @@ what it runs."""
 
 import os
 import shutil
-import sys
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from predictor import engine as engine_module
-from predictor import torch_engine
-from predictor.engine import EngineError, build_engine, check_agreement, choose_engine, cpu_has, resolve_device
-from predictor.imaging import decode_image
-from predictor.onnx_engine import OnnxEngine, onnx_int8_path
-from predictor.reference import ReferenceNetwork
-from predictor.torch_engine import InferenceEngine, batch_buckets, native_cpu_precisions, resolve_precision
+from predictor.engines import selection as engine_module
+from predictor.engines import torch_engine
+from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path
+from predictor.engines.reference import ReferenceNetwork
+from predictor.engines.selection import (
+    EngineError,
+    build_engine,
+    check_agreement,
+    choose_engine,
+    cpu_has,
+    resolve_device,
+)
+from predictor.engines.torch_engine import InferenceEngine, batch_buckets, native_cpu_precisions, resolve_precision
+from predictor.serving.imaging import decode_image
 from predictor.weights import PACKAGED_DIR, WeightsError, calibration_images, load_model, verified_weights
 
 from .conftest import MODEL_NAME, ROOT, Server

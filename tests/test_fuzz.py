@@ -25,8 +25,8 @@ from PIL import Image
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from predictor.errors import ApiError
-from predictor.imaging import JPEG_MAGIC, PNG_MAGIC, decode_image
+from predictor.serving.errors import ApiError
+from predictor.serving.imaging import JPEG_MAGIC, PNG_MAGIC, decode_image
 
 from .conftest import error_fields
 

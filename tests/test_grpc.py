@@ -11,7 +11,7 @@ from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceSt
 
 from predictor.cifar import CLASSES
 
-from .conftest import MODEL_NAME, Server, free_port
+from .conftest import MODEL_NAME, Server, free_port, wait_until
 
 
 def start(*args: str, env: dict | None = None) -> Server:
@@ -223,7 +223,7 @@ def test_sigterm_refuses_new_grpc_calls_while_admitted_calls_drain(cifar_jpegs):
     import signal
     import socket
 
-    from .test_hardening import multipart_upload, read_reply, wait_until
+    from .test_hardening import multipart_upload, read_reply
 
     srv = start("--rate_limit_per_minute", "0", "--drain_timeout_s", "30", "--max_in_flight", "1")
     try:
@@ -332,7 +332,6 @@ def test_sigterm_lets_an_admitted_grpc_call_finish(heavy_request, cifar_jpegs):
     import concurrent.futures
     import signal
 
-    from .test_hardening import wait_until
 
     srv = start("--rate_limit_per_minute", "0", "--drain_timeout_s", "30", "--max_in_flight", "1")
     try:

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import MODEL_NAME, ROOT, Server, error_fields, read_http_response
+from .conftest import MODEL_NAME, ROOT, Server, error_fields, read_http_response, wait_until
 
 KEYS = ("alpha-key-0123456789", "beta-key-9876543210", "gamma-key-from-file")
 
@@ -221,16 +221,6 @@ def batch_upload(image: bytes, port: int, files: int) -> tuple[bytes, bytes]:
     return head + body[:100], body[100:]
 
 
-def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
-    """Poll `condition` until it returns something true; fail after `timeout` seconds (a bound, not a pace)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := condition():
-            return found
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 def test_sigterm_during_load_completes_every_admitted_request(image):
     """SIGTERM with admitted calls in flight: each of them completes (200); every request that arrives
     meanwhile, on a new connection or on an already-open keep-alive one, gets 503 shutting_down with
@@ -317,7 +307,7 @@ def test_the_replaced_trust_forwarded_for_refuses_to_start():
 
 # -- the limiter and key check themselves, on a controlled clock -----------------------------------
 def test_token_bucket_allows_100_then_refills_at_100_per_minute():
-    from predictor.security import RateLimiter
+    from predictor.serving.security import RateLimiter
 
     now = [1000.0]
     limiter = RateLimiter(100, clock=lambda: now[0])
@@ -332,7 +322,7 @@ def test_token_bucket_allows_100_then_refills_at_100_per_minute():
 
 
 def test_limiter_forgets_the_least_recent_callers_beyond_its_bound():
-    from predictor.security import RateLimiter
+    from predictor.serving.security import RateLimiter
 
     limiter = RateLimiter(1, max_callers=3, clock=lambda: 0.0)
     for caller in "abcd":
@@ -341,7 +331,7 @@ def test_limiter_forgets_the_least_recent_callers_beyond_its_bound():
 
 
 def test_api_keys_from_string_and_file(tmp_path):
-    from predictor.security import ApiKeys
+    from predictor.serving.security import ApiKeys
 
     keys_file = tmp_path / "keys"
     keys_file.write_text("# comment\n\n  file-key  \n")
@@ -352,7 +342,7 @@ def test_api_keys_from_string_and_file(tmp_path):
 
 
 def test_client_address_counts_trusted_hops_from_the_right():
-    from predictor.security import caller_identity, client_address
+    from predictor.serving.security import caller_identity, client_address
 
     def scope(*forwarded_for: str) -> dict:
         return {"client": ("10.9.9.9", 40000), "headers": [(b"x-forwarded-for", v.encode()) for v in forwarded_for]}

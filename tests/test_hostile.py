@@ -26,7 +26,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import error_fields, read_http_response
+from .conftest import encode, error_fields, read_http_response
 
 MODEL = "cifar10-resnet18"
 V1 = f"/v1/models/{MODEL}:predict"
@@ -40,12 +40,6 @@ AUTH_HEADERS = ("authorization", "x-api-key")  # copied onto raw requests if the
 
 
 # -- building hostile files ---------------------------------------------------------------------------
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
 def clean_png() -> bytes:
     return encode(Image.open(io.BytesIO(JPEG)))
 

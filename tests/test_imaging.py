@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from predictor.errors import ApiError
-from predictor.imaging import decode_image, sniff_format
+from predictor.serving.errors import ApiError
+from predictor.serving.imaging import decode_image, sniff_format
 
 from .conftest import encode
 

@@ -9,19 +9,18 @@ import statistics
 import time
 
 import httpx
-
 import numpy as np
 import pytest
 from PIL import Image
 from redis import Redis
 
-from predictor.batcher import DynamicBatcher
-from predictor.jobs import JobWorker
-from predictor.jobs_memory import MemoryJobStore
-from predictor.jobs_redis import RedisJobStore
+from predictor.jobs.core import JobWorker
+from predictor.jobs.memory_store import MemoryJobStore
+from predictor.jobs.redis_store import RedisJobStore
 from predictor.redis_client import connect
+from predictor.serving.batcher import DynamicBatcher
 
-from .conftest import MODEL_NAME, Server, encode
+from .conftest import MODEL_NAME, Server, encode, multipart, wait_for_job
 from .redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
 
@@ -344,10 +343,6 @@ def auth(name: str) -> dict:
     return {"Authorization": f"Bearer {KEYS[name]}"}
 
 
-def multipart(files: list[bytes]) -> list[tuple]:
-    return [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(files)]
-
-
 def submit(server: Server, files: list[bytes], key: str = "a", **params) -> dict:
     response = server.client.post("/classify/jobs", files=multipart(files), params=params, headers=auth(key))
     assert response.status_code == 202, response.text
@@ -355,18 +350,6 @@ def submit(server: Server, files: list[bytes], key: str = "a", **params) -> dict
     assert response.headers["location"] == body["status_url"] == f"/classify/jobs/{body['job_id']}"
     assert body["status"] == "queued"
     return body
-
-
-def wait_until(server: Server, job_id: str, statuses: tuple[str, ...], key: str = "a", timeout: float = 120,
-               **params) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        response = server.client.get(f"/classify/jobs/{job_id}", params=params, headers=auth(key))
-        assert response.status_code == 200, response.text
-        if response.json()["status"] in statuses:
-            return response.json()
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} not {statuses} after {timeout} s: {response.json()}")
 
 
 def batch_answers(server: Server, files: list[bytes], key: str = "a") -> list[dict]:
@@ -402,12 +385,12 @@ def test_a_job_submitted_to_one_replica_is_read_on_another(replicas, holdout):
     truncated = holdout[0][0][: len(holdout[0][0]) // 2]
     files = [data for data, _ in holdout[:40]] + [f if f is not None else truncated for f in BAD_FILES]
     job = submit(first, files)
-    done = wait_until(second, job["job_id"], ("succeeded",))
+    done = wait_for_job(second, job["job_id"], ("succeeded",), headers=auth("a"))
     assert done["progress"] == {"done": len(files), "total": len(files)} and done["finished_at"] >= done["created_at"]
     assert done["next_offset"] is None
     assert done["results"] == batch_answers(second, files)  # same answers, same order, bad files in their slots
     assert [r["error"]["code"] for r in done["results"][-3:]] == ["empty_file", "unsupported_media_type", "invalid_image"]
-    page = wait_until(first, job["job_id"], ("succeeded",), offset=10, limit=20)
+    page = wait_for_job(first, job["job_id"], ("succeeded",), headers=auth("a"), offset=10, limit=20)
     assert page["results"] == done["results"][10:30] and page["next_offset"] == 30
 
 
@@ -421,7 +404,7 @@ def test_a_job_is_visible_only_to_its_key(replicas, holdout):
         anonymous = second.client.request(method, url)
         assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "unauthorized"
     assert second.client.post("/classify/jobs", files=multipart([holdout[0][0]])).status_code == 401
-    assert wait_until(second, job["job_id"], ("succeeded",), key="a")["progress"]["done"] == 1
+    assert wait_for_job(second, job["job_id"], ("succeeded",), headers=auth("a"))["progress"]["done"] == 1
     assert second.client.get("/classify/jobs/not-a-job", headers=auth("a")).status_code == 404
 
 
@@ -434,7 +417,7 @@ def test_cancel_and_the_rate_limit_by_files(replicas, holdout):
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["status"] == "cancelled" and cancelled.json()["finished_at"]
     time.sleep(2)
-    later = wait_until(first, job["job_id"], ("cancelled",), key="c")
+    later = wait_for_job(first, job["job_id"], ("cancelled",), headers=auth("c"))
     assert later["progress"]["done"] < 400 and "results" not in later
     again = first.client.delete(f"/classify/jobs/{job['job_id']}", headers=auth("c"))
     assert again.status_code == 409 and again.json()["error"]["code"] == "job_finished"
@@ -446,7 +429,7 @@ def test_cancel_and_the_rate_limit_by_files(replicas, holdout):
 def test_results_expire(replicas, holdout):
     first, _ = replicas
     job = submit(first, [holdout[1][0]], key="b")
-    wait_until(first, job["job_id"], ("succeeded",), key="b")
+    wait_for_job(first, job["job_id"], ("succeeded",), headers=auth("b"))
     time.sleep(9)
     gone = first.client.get(f"/classify/jobs/{job['job_id']}", headers=auth("b"))
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "job_not_found"
@@ -516,7 +499,7 @@ def test_kill_9_of_the_replica_working_a_job_loses_nothing(redis_server, holdout
     assert in_flight > 0 and done < 600, (in_flight, done)  # it died holding unfinished work
     survivor = replica(redis_server.url)
     try:
-        done = wait_until(survivor, job["job_id"], ("succeeded",), limit=1000, timeout=180)
+        done = wait_for_job(survivor, job["job_id"], ("succeeded",), headers=auth("a"), limit=1000, timeout=180)
         assert len(done["results"]) == 600 and done["progress"] == {"done": 600, "total": 600}
         assert done["results"] == batch_answers(survivor, files)
     finally:
@@ -538,7 +521,7 @@ def test_two_model_versions_on_one_redis_compute_only_their_own_jobs(redis_serve
         assert versions[stable.port] != versions[canary.port]
         for server, job in jobs:
             other = canary if server is stable else stable
-            done = wait_until(other, job["job_id"], ("succeeded",))  # read through the other version's replica
+            done = wait_for_job(other, job["job_id"], ("succeeded",), headers=auth("a"))  # read through the other version's replica
             assert done["model_version"] == versions[server.port]
             assert done["results"] == answers[server.port]
     finally:

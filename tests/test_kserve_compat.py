@@ -1,4 +1,4 @@
-"""predictor.kserve_compat against the installed kserve: every assumption its patches make holds, and one
+"""predictor.serving.kserve_compat against the installed kserve: every assumption its patches make holds, and one
 that stops holding (as an upgrade would break it) is reported and stops the server with one line.
 What the patches do is tested through real servers elsewhere (proxy headers: test_hardening; gRPC
 gates: test_grpc; --workers: test_workers)."""
@@ -13,7 +13,7 @@ from kserve.protocol.grpc import server as grpc_server
 from kserve.protocol.rest import server as rest
 from kserve.protocol.rest.multiprocess import server as multiprocess
 
-from predictor import kserve_compat
+from predictor.serving import kserve_compat
 
 from .conftest import ROOT
 
@@ -41,7 +41,7 @@ def test_a_broken_assumption_is_named_and_stops_the_server(monkeypatch, break_it
     found = kserve_compat.problems()
     assert len(found) == 1 and reported in found[0], found
     with pytest.raises(kserve_compat.IncompatibleKServe, match=rf"kserve {metadata.version('kserve')} is installed; "
-                                                             rf"predictor.kserve_compat was written for 0\.21\.0"):
+                                                             rf"predictor.serving.kserve_compat was written for 0\.21\.0"):
         kserve_compat.check_installed()
 
 

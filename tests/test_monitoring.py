@@ -17,9 +17,9 @@ import yaml
 
 from predictor.cifar import CLASSES
 
-from .conftest import IMAGES, ROOT, Server
+from .conftest import IMAGES, ROOT, Server, wait_until
 from .deploy_common import (CHART, NAMESPACE, PROMTOOL, RELEASE, SEED_QUERIES, Prometheus, one, render, rules_file, run,
-                            tool, wait_for)
+                            tool)
 
 DRIFT = "Cifar10ClassifierClassMixDrift"
 JOBS_WAITING = "Cifar10ClassifierJobsWaiting"
@@ -70,7 +70,7 @@ def test_the_class_mix_alert_is_quiet_on_a_balanced_stream_and_fires_on_a_skewed
     # One image per class first, so every class's series exists before the counted stream
     # (increase() counts from a series' first scrape).
     classify_batch(predictor, [images[0] for images in by_class.values()])
-    wait_for(lambda: prometheus.has_data(f'predictor_predictions_total{{job="{RELEASE}"}}'), 30, "the first scrape")
+    wait_until(lambda: prometheus.has_data(f'predictor_predictions_total{{job="{RELEASE}"}}'), 30, "the first scrape")
     rule = prometheus.rules[DRIFT]
     threshold = float(re.search(r"> ([0-9.]+)", rule["expr"]).group(1))
     tvd = rule["expr"].split(">")[0]
@@ -79,7 +79,7 @@ def test_the_class_mix_alert_is_quiet_on_a_balanced_stream_and_fires_on_a_skewed
     # Balanced: 12 held-out images of each class, one of each per call.
     for i in range(1, 13):
         classify_batch(predictor, [images[i] for images in by_class.values()])
-    wait_for(lambda: sample_value(prometheus, count) >= 100, 30, "the balanced stream to be scraped")
+    wait_until(lambda: sample_value(prometheus, count) >= 100, 30, "the balanced stream to be scraped")
     for _ in range(3):  # a few evaluations of the rule
         balanced = sample_value(prometheus, tvd)
         assert balanced < threshold and DRIFT not in prometheus.firing(), balanced
@@ -88,7 +88,7 @@ def test_the_class_mix_alert_is_quiet_on_a_balanced_stream_and_fires_on_a_skewed
     cats = by_class[CLASSES.index("cat")]
     for i in range(20, len(cats), 10):
         classify_batch(predictor, cats[i:i + 10])
-    wait_for(lambda: DRIFT in prometheus.firing(), 30, "the drift alert to fire")
+    wait_until(lambda: DRIFT in prometheus.firing(), 30, "the drift alert to fire")
     skewed = sample_value(prometheus, tvd)
     assert skewed > threshold > balanced, (balanced, skewed)
     (alert,) = [a for a in prometheus.client.get("/api/v1/alerts").json()["data"]["alerts"] if a["labels"]["alertname"] == DRIFT]
@@ -109,10 +109,10 @@ def test_the_seeds_three_queries_return_data(predictor, prometheus):
 
     traffic()
     # rate() needs two samples of a series: a second wave once the error series is scraped.
-    wait_for(lambda: prometheus.has_data(f'api_requests_total{{job="{RELEASE}", endpoint="classify_image", status="error"}}'),
+    wait_until(lambda: prometheus.has_data(f'api_requests_total{{job="{RELEASE}", endpoint="classify_image", status="error"}}'),
              30, "the error series to be scraped")
     traffic()
-    wait_for(lambda: all(prometheus.has_data(q) for q in SEED_QUERIES), 30, "the seed's queries to return data", interval=1)
+    wait_until(lambda: all(prometheus.has_data(q) for q in SEED_QUERIES), 30, "the seed's queries to return data", interval=1)
     # The seed's error query keeps the status (and code) label on both sides: each error series is
     # divided by itself, so it reads 1; the dashboard and the alert sum both sides for the share.
     assert {float(s["value"][1]) for s in prometheus.query(SEED_QUERIES[1])} == {1.0}

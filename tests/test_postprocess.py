@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from predictor.calibration import expected_calibration_error, fit_temperature
+from predictor.cifar import CLASSES
 from predictor.config import Settings
 from predictor.model import Cifar10Classifier
-from predictor.cifar import CLASSES
-from predictor.payloads import classification
+from predictor.serving.payloads import classification
+from predictor.training.calibration import expected_calibration_error, fit_temperature
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The fp32 reference network built for ONNX Runtime without torch (predictor.reference) against the torch
+"""The fp32 reference network built for ONNX Runtime without torch (predictor.engines.reference) against the torch
 network it stands in for, and Grad-CAM computed from it against Grad-CAM by autograd on the torch network."""
 
 import numpy as np
@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from predictor.engine import fp32_classes
-from predictor.explain import grad_cam
-from predictor.imaging import decode_image
+from predictor.engines.reference import ReferenceNetwork, check_state
+from predictor.engines.selection import fp32_classes
 from predictor.network import normalize
-from predictor.reference import ReferenceNetwork, check_state
+from predictor.serving.explain import grad_cam
+from predictor.serving.imaging import decode_image
 from predictor.weights import PACKAGED_DIR, WeightsError, calibration_images, load_model, read_state, verified_weights
 
 pytestmark = pytest.mark.slow

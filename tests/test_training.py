@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from predictor import evaluate, train
-from predictor.data import load_image_folder, stratified_split
 from predictor.cifar import CLASSES
 from predictor.network import normalize
+from predictor.training import evaluate, train
+from predictor.training.data import load_image_folder, stratified_split
 from predictor.weights import load_model
 
 from .conftest import Server
@@ -35,7 +35,7 @@ def sample(tmp_path_factory) -> Path:
 
 
 def run_train(data: Path, work: Path, *extra: str) -> dict | None:
-    """`python -m predictor.train` in-process. No Cutout and a gentle peak LR: with only 10 steps an
+    """`python -m predictor.training.train` in-process. No Cutout and a gentle peak LR: with only 10 steps an
     epoch, this is what lets three epochs fit the training images clearly better than chance."""
     return train.main(["--data", str(data), "--out", str(work / "out"), "--run-dir", str(work / "run"),
                        "--cache-dir", str(work / "cache"), "--batch-size", "25", "--holdout", str(HOLDOUT),

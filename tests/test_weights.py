@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from predictor.imaging import decode_image
 from predictor.cifar import CLASSES
 from predictor.network import build_resnet18, normalize
+from predictor.serving.imaging import decode_image
 from predictor.weights import CARD_FILE, PACKAGED_DIR, WEIGHTS_FILE, WeightsError, load_model, sha256_of
 
 from .conftest import ROOT

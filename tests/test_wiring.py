@@ -10,10 +10,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from predictor.app import install
 from predictor.config import Settings, default_model_dir
 from predictor.model import Cifar10Classifier
-from predictor.security import ApiKeys
+from predictor.serving.app import install
+from predictor.serving.security import ApiKeys
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +67,21 @@ def test_serving_imports_no_build_time_code():
     import subprocess
     import sys
 
-    script = ("import sys; from fastapi import FastAPI; from predictor.__main__ import main; from predictor.app import install; "
+    script = ("import sys; from fastapi import FastAPI; from predictor.__main__ import main; from predictor.serving.app import install; "
               "from predictor.config import Settings, default_model_dir; from predictor.model import Cifar10Classifier; "
               "model = Cifar10Classifier('m', Settings(model_dir=default_model_dir())); model.load(); install(FastAPI(), model); "
               "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('predictor', 'torch'))))")
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True).stdout.split()
-    assert "predictor.model" in loaded and "predictor.onnx_engine" in loaded, loaded
-    assert not {"predictor.train", "predictor.data", "predictor.quantize", "predictor.evaluate"} & set(loaded), loaded
-    assert "torch" not in loaded and "predictor.torch_engine" not in loaded, loaded
+    assert "predictor.model" in loaded and "predictor.engines.onnx_int8" in loaded, loaded
+    assert not [m for m in loaded if m.startswith("predictor.training")], loaded
+    assert "torch" not in loaded and "predictor.engines.torch_engine" not in loaded, loaded
 
 
 def test_a_failed_forward_pass_is_a_500_inference_error_that_names_no_internals(cifar_jpegs):
     """The engine failing under a request (injected after a real load: the engine is the dependency, the
     error path is what is tested): 500 inference_error with the fixed message; the engine's own text stays
     in the log; the next pass serves again."""
-    from predictor.batcher import FORWARD_FAILED
+    from predictor.serving.batcher import FORWARD_FAILED
 
     model = Cifar10Classifier("faulty", Settings(model_dir=default_model_dir(), rate_limit_per_minute=0))
     model.load()
@@ -99,7 +99,7 @@ def test_a_failed_forward_pass_is_a_500_inference_error_that_names_no_internals(
     # gRPC maps the same failure to the same error (then to INTERNAL with its message).
     from kserve.errors import InferenceError
 
-    from predictor.grpc_server import as_api_error
+    from predictor.serving.grpc_server import as_api_error
 
     error = as_api_error(InferenceError(FORWARD_FAILED))
     assert (error.status, error.code, error.message) == (500, "inference_error", FORWARD_FAILED)

@@ -6,7 +6,7 @@ average pooling and one linear layer, Grad-CAM is exactly CAM (Zhou et al., 2016
 gradient with respect to a layer4 cell is that class's linear weight for the cell's channel over the
 map's area, the same for every cell, so the channel weights are the class's linear weights up to a
 positive factor that the scaling below removes. No autograd, no torch: the fp32 network on ONNX
-Runtime (predictor.reference) gives the logits and layer4's maps. The positive part of the weighted
+Runtime (predictor.engines.reference) gives the logits and layer4's maps. The positive part of the weighted
 sum (4x4 here), min-max scaled, upsampled bilinearly to the 32x32 input and scaled to 0..1, is the heat-map.
 """
 
@@ -21,11 +21,11 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from PIL import Image
 
-from . import payloads
-from .cifar import CLASSES, IMAGE_SIZE
-from .errors import ApiError, overloaded
-from .model import Cifar10Classifier
-from .reference import ReferenceNetwork
+from predictor.cifar import CLASSES, IMAGE_SIZE
+from predictor.engines.reference import ReferenceNetwork
+from predictor.model import Cifar10Classifier
+from predictor.serving import payloads
+from predictor.serving.errors import ApiError, overloaded
 
 OVERLAY_SCALE = 4  # the 32x32 overlay is upscaled 4x (128x128) so a person can see it
 OVERLAY_ALPHA = 0.5  # share of the heat-map's colour in the overlay

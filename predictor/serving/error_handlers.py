@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from kserve import errors as kserve_errors
 from starlette.exceptions import HTTPException
 
-from .errors import ApiError, error_response
+from predictor.serving.errors import ApiError, error_response
 
 log = logging.getLogger("predictor")
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",

@@ -6,10 +6,10 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .errors import ApiError
-from .model import Cifar10Classifier
+from predictor.model import Cifar10Classifier
+from predictor.serving.errors import ApiError
 
-UI_DIR = Path(__file__).parent / "ui"
+UI_DIR = Path(__file__).parents[1] / "ui"
 # Everything the page loads comes from this server (no CDN is reachable from a cluster); its images
 # are the user's own files (blob:) and the heat-maps the API returns (data:).
 _HEADERS = {

@@ -22,9 +22,9 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .errors import ApiError
-from .jobs import JOBS, TERMINAL, Job, JobStore, JobWorker, StoreUnavailable
-from .security import RateLimiter
+from predictor.jobs.core import JOBS, TERMINAL, Job, JobStore, JobWorker, StoreUnavailable
+from predictor.serving.errors import ApiError
+from predictor.serving.security import RateLimiter
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # A page is serialised in one piece on the event loop: 1,000 results are ~250 KB.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from .jobs import Chunk, Job, QueueStats, now_iso
+from predictor.jobs.core import Chunk, Job, QueueStats, now_iso
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Generated, it lists the refused repository routes, declares only 200/422 everywhere (while the
 guard and the handlers answer 400/401/404/413/415/429/503/504) and calls `/metrics` JSON. `describe`
 makes the app serve a document with the errors each route gives (in the form its path uses:
-predictor.errors) and the real media types.
+predictor.serving.errors) and the real media types.
 """
 
 from fastapi import FastAPI
@@ -26,7 +26,7 @@ _READ = (404, 503)
 
 def _errors(path: str, method: str) -> tuple[int, ...]:
     if path.startswith("/classify/jobs"):
-        return ()  # its routes document their own answers (predictor.jobs_api)
+        return ()  # its routes document their own answers (predictor.jobs.api)
     if method == "post":
         return _PREDICTION
     if path.startswith(("/v1/models/", "/v2/models/", "/health", "/v2/health/ready")):
@@ -55,7 +55,7 @@ def _corrected(schema: dict) -> dict:
     if metrics is not None:
         metrics["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
     root = schema["paths"].get("/", {}).get("get")
-    if root is not None:  # predictor.demo: the page to browsers, KServe's liveness JSON to everyone else
+    if root is not None:  # predictor.serving.demo: the page to browsers, KServe's liveness JSON to everyone else
         root["responses"]["200"]["content"] = {
             "application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string"}}}},
             "text/html": {"schema": {"type": "string"}}}

@@ -9,8 +9,8 @@ import numpy as np
 import orjson
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
-from .errors import ApiError
-from .cifar import CLASSES, IMAGE_SIZE
+from predictor.cifar import CLASSES, IMAGE_SIZE
+from predictor.serving.errors import ApiError
 
 PIXELS_SHAPE = [-1, IMAGE_SIZE, IMAGE_SIZE, 3]
 V2_INPUTS = [

@@ -4,7 +4,7 @@ Why this and not torch on the CPU (measured, README "Speed"): ONNX Runtime relea
 whole forward pass, so the event loop keeps parsing and decoding while a batch computes; it needs no
 compiler and nothing is compiled at start-up (load < 1 s instead of 20-40 s of inductor work); and
 its int8 kernels were the fastest measured at batch 1 and at the served batch. The graph is made at
-export time from the same weights (`python -m predictor.quantize`), its sha256 is in the model card,
+export time from the same weights (`python -m predictor.training.quantize`), its sha256 is in the model card,
 and at load its answers are compared with the fp32 network's on the calibration images.
 """
 
@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 
-from .weights import ONNX_INPUT
-from .weights import WeightsError, sha256_of
+from predictor.weights import ONNX_INPUT, WeightsError, sha256_of
 
 log = logging.getLogger("predictor")
 
@@ -26,7 +25,7 @@ def onnx_int8_path(directory: Path, card: dict) -> Path:
     entry = card.get("onnx_int8") or {}
     path = Path(directory) / entry.get("file", "")
     if not entry or not path.is_file():
-        raise WeightsError(f"{directory}: no int8 ONNX graph (run `python -m predictor.quantize --onnx-only`)")
+        raise WeightsError(f"{directory}: no int8 ONNX graph (run `python -m predictor.training.quantize --onnx-only`)")
     if sha256_of(path) != entry.get("sha256"):
         raise WeightsError(f"{path}: sha256 does not match the model card's")
     return path

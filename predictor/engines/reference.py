@@ -15,8 +15,8 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
-from .cifar import CLASSES, IMAGE_SIZE, MEAN, STD
-from .weights import WeightsError, read_state
+from predictor.cifar import CLASSES, IMAGE_SIZE, MEAN, STD
+from predictor.weights import WeightsError, read_state
 
 # (channels, stride of the first block) of layer1..layer4; two basic blocks each.
 STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
@@ -138,7 +138,7 @@ def resnet18_graph(state: dict[str, np.ndarray]) -> bytes:
         [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["N", len(CLASSES)]),
          helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", STAGES[-1][0], "H", "W"])],
         g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="predictor.reference")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="predictor.engines.reference")
     model.ir_version = 8  # what ONNX Runtime reads for opset 17
     onnx.checker.check_model(model)
     return model.SerializeToString()

@@ -6,7 +6,7 @@ from contextvars import ContextVar
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from . import metrics
+from predictor.serving import metrics
 
 
 class ApiError(HTTPException):

@@ -1,6 +1,6 @@
 """Train the CIFAR-10 ResNet18, then export the weights, fit the temperature and write the model card.
 
-    python -m predictor.train --data /tmp/cifar10/train        # the CPU recipe (40 epochs, 91.68 %)
+    python -m predictor.training.train --data /tmp/cifar10/train        # the CPU recipe (40 epochs, 91.68 %)
 
 The shipped weights are this recipe on CUDA, `--device cuda --epochs 80`, then 80 more epochs with
 `--init-from` the first run's export (`make train-gpu`).
@@ -25,14 +25,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import reports
-from .calibration import expected_calibration_error, fit_temperature
-from .data import Dataset, load_image_folder, stratified_split
-from .cifar import ARCHITECTURE, CLASSES
-from .network import build_resnet18, normalize
-from .weights import CARD_FILE, PACKAGED_DIR, WEIGHTS_FILE, load_model, network_from_file, save_weights, sha256_of
+from predictor.cifar import ARCHITECTURE, CLASSES
+from predictor.network import build_resnet18, normalize
+from predictor.training import reports
+from predictor.training.calibration import expected_calibration_error, fit_temperature
+from predictor.training.data import Dataset, load_image_folder, stratified_split
+from predictor.weights import (
+    CARD_FILE,
+    PACKAGED_DIR,
+    WEIGHTS_FILE,
+    load_model,
+    network_from_file,
+    save_weights,
+    sha256_of,
+)
 
-log = logging.getLogger("predictor.train")
+log = logging.getLogger("predictor.training.train")
 MIN_SCHEDULE_STEPS = 8
 
 
@@ -292,7 +300,7 @@ def export(model: torch.nn.Module, data: Dataset, val_set: Dataset, history: lis
             key: parent.get(key) for key in ("weights_sha256", "epochs", "validation_accuracy", "date",
                                              "command", "recipe", "init_from")},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m predictor.train " + shlex.join(sys.argv[1:]),
+        "command": "python -m predictor.training.train " + shlex.join(sys.argv[1:]),
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     reports.training_curve(history, out / "training_curve.png")

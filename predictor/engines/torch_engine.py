@@ -1,7 +1,7 @@
 """The torch engine: the network on CUDA (fp16, bf16, fp32; CUDA graphs) or on the CPU (fp32, bf16, int8).
 
-Imported only when it serves (predictor.engine.build_engine), so the default ONNX Runtime engine
-runs without torch. Precisions and the load-time gate are described in predictor.engine.
+Imported only when it serves (predictor.engines.selection.build_engine), so the default ONNX Runtime engine
+runs without torch. Precisions and the load-time gate are described in predictor.engines.selection.
 """
 
 import copy
@@ -16,9 +16,9 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .engine import CPU_PRECISIONS, CUDA_PRECISIONS, EngineError, cpu_has, resolve_device
-from .network import normalize
-from .weights import WeightsError
+from predictor.engines.selection import CPU_PRECISIONS, CUDA_PRECISIONS, EngineError, cpu_has, resolve_device
+from predictor.network import normalize
+from predictor.weights import WeightsError
 
 log = logging.getLogger("predictor")
 
@@ -97,7 +97,7 @@ class InferenceEngine:
         if self.precision == "int8":
             if calibration is None:
                 raise WeightsError("int8 needs the calibration images shipped with the weights")
-            from .quantize import quantize_int8
+            from predictor.training.quantize import quantize_int8
 
             model = quantize_int8(model, calibration, self.max_batch_size)
             compile = True  # the quantized graph is only fast once inductor fuses it

@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ApiError
-from .cifar import IMAGE_SIZE
+from predictor.cifar import IMAGE_SIZE
+from predictor.serving.errors import ApiError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .jobs import Chunk, Job, QueueStats, StoreUnavailable, now_iso
+from predictor.jobs.core import Chunk, Job, QueueStats, StoreUnavailable, now_iso
 
 log = logging.getLogger("predictor")
 

@@ -18,12 +18,12 @@ import zlib
 
 from starlette.routing import Match
 
-from . import metrics
-from .config import Settings
-from .drain import Drain
-from .errors import OIP_ERRORS, ApiError, error_response, overloaded
-from .payloads import v2_binary_framing_error
-from .security import RateLimiter, caller_identity, key_id, presented_key
+from predictor.config import Settings
+from predictor.serving import metrics
+from predictor.serving.drain import Drain
+from predictor.serving.errors import OIP_ERRORS, ApiError, error_response, overloaded
+from predictor.serving.payloads import v2_binary_framing_error
+from predictor.serving.security import RateLimiter, caller_identity, key_id, presented_key
 
 # Calls that need a key (when keys are configured), are rate-limited and count in api_*, with the
 # endpoint label they are counted under: the seed's names (a fixed set, so paths cannot explode it).
@@ -62,7 +62,7 @@ def prediction_endpoint(method: str, path: str) -> str | None:
 
 class Gates:
     """The admission gates of a prediction call, whatever carries it (the HTTP guard below, the gRPC
-    interceptor in predictor.grpc_server): one implementation, one set of rate-limit buckets and one
+    interceptor in predictor.serving.grpc_server): one implementation, one set of rate-limit buckets and one
     in-flight count per process.
 
     `limiter` is None when the rate limit is off; `drain` is the process's shutdown state and

@@ -3,7 +3,7 @@
 KServe serves `kserve.model_server.app` (its worker processes import it by name), so this does not
 build a new app: `install` adds, to the app it is given, our routes (ahead of KServe's, which it
 registers when the server starts), the error format, the guard in front of every route, and the
-drain on SIGTERM. `python -m predictor` calls it in the serving process and `predictor.kserve_compat` in
+drain on SIGTERM. `python -m predictor` calls it in the serving process and `predictor.serving.kserve_compat` in
 each worker process; nothing is registered at import time.
 """
 
@@ -12,15 +12,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import metrics, openapi
-from .demo import build_ui_router
-from .error_handlers import install_error_handlers
-from .explain import build_explain_router
-from .guard import Gates, RequestGuard
-from .model import Cifar10Classifier
-from .protocols import omit_unset_optional_fields
-from .routes import build_router
-from .shared_state import build_cache, build_jobs
+from predictor.model import Cifar10Classifier
+from predictor.serving import metrics, openapi
+from predictor.serving.demo import build_ui_router
+from predictor.serving.error_handlers import install_error_handlers
+from predictor.serving.explain import build_explain_router
+from predictor.serving.guard import Gates, RequestGuard
+from predictor.serving.protocols import omit_unset_optional_fields
+from predictor.serving.routes import build_router
+from predictor.shared_state import build_cache, build_jobs
 
 log = logging.getLogger("predictor")
 
@@ -40,7 +40,7 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     app.router.redirect_slashes = False
     install_error_handlers(app)
     omit_unset_optional_fields()
-    # The gRPC server (predictor.grpc_server) admits its calls through these same gates and buckets.
+    # The gRPC server (predictor.serving.grpc_server) admits its calls through these same gates and buckets.
     model.gates = Gates.build(settings, drain)
     limiter = model.gates.limiter
     app.add_middleware(RequestGuard, gates=model.gates, version=model.version, router=app.router)

@@ -2,9 +2,9 @@
 
 KServe's gRPC server also serves the multi-model repository API (`RepositoryModelLoad/Unload`),
 unauthenticated: one unload takes this single-model server out of service. Over HTTP that API is a
-404 (predictor.guard); here it answers UNIMPLEMENTED, as a server without the repository extension does.
+404 (predictor.serving.guard); here it answers UNIMPLEMENTED, as a server without the repository extension does.
 
-Every `ModelInfer` passes the HTTP guard's gates (predictor.guard.Gates: the same code, the same
+Every `ModelInfer` passes the HTTP guard's gates (predictor.serving.guard.Gates: the same code, the same
 rate-limit buckets and in-flight count), in the same order: refused while draining (UNAVAILABLE) ->
 API key from `authorization: Bearer` or `x-api-key` metadata (UNAUTHENTICATED) -> rate limit
 (RESOURCE_EXHAUSTED) -> in-flight limit (UNAVAILABLE) -> counted in flight and run under the smaller
@@ -12,7 +12,7 @@ of the caller's gRPC deadline and --request_timeout_s (DEADLINE_EXCEEDED) -> cou
 api_requests_total{endpoint="v2_infer"} with the HTTP status its outcome corresponds to. Messages over
 --max_body_bytes are refused by the transport (RESOURCE_EXHAUSTED) before anything is parsed.
 Errors are the HTTP API's, as gRPC status codes; a bad request is never INTERNAL.
-`predictor.kserve_compat.use_guarded_grpc` makes KServe's ModelServer build this server instead of its own.
+`predictor.serving.kserve_compat.use_guarded_grpc` makes KServe's ModelServer build this server instead of its own.
 """
 
 import asyncio
@@ -28,10 +28,10 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc import server as kserve_grpc
 from kserve.protocol.grpc.servicer import InferenceServicer
 
-from . import metrics
-from .errors import ApiError
-from .guard import Gates
-from .payloads import SERVER_EXTENSIONS
+from predictor.serving import metrics
+from predictor.serving.errors import ApiError
+from predictor.serving.guard import Gates
+from predictor.serving.payloads import SERVER_EXTENSIONS
 
 log = logging.getLogger("predictor")
 
@@ -53,7 +53,7 @@ def status_code(http_status: int) -> grpc.StatusCode:
 
 
 def as_api_error(exc: Exception) -> ApiError:
-    """The HTTP API's error for whatever a handler raised (predictor.error_handlers does the same over HTTP)."""
+    """The HTTP API's error for whatever a handler raised (predictor.serving.error_handlers does the same over HTTP)."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, TimeoutError):
@@ -222,7 +222,7 @@ class GuardedGRPCServer(kserve_grpc.GRPCServer):
         await self._server.wait_for_termination()
 
     def _gates(self) -> Gates:
-        """The gates the HTTP side of this process uses (predictor.app.install); with --workers N the
+        """The gates the HTTP side of this process uses (predictor.serving.app.install); with --workers N the
         HTTP side lives in the worker processes, and this process's gRPC calls get gates of their own."""
         (model,) = self._data_plane.model_registry.get_models().values()
         return getattr(model, "gates", None) or Gates.build(model.settings, model.drain)

@@ -6,8 +6,8 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
   time, /docs off by default), and Prometheus' multiprocess directory with `--workers N`
   (prometheus_client picks its storage when kserve first imports it);
 - `serve_without_proxy_headers`: uvicorn's proxy-header rewriting off in every RESTServer (KServe
-  builds uvicorn's Config and does not expose `proxy_headers`; predictor.security decides the client);
-- `use_guarded_grpc`: KServe's ModelServer builds predictor.grpc_server.GuardedGRPCServer (the HTTP
+  builds uvicorn's Config and does not expose `proxy_headers`; predictor.serving.security decides the client);
+- `use_guarded_grpc`: KServe's ModelServer builds predictor.serving.grpc_server.GuardedGRPCServer (the HTTP
   gates on gRPC, no model repository API) instead of its GRPCServer;
 - `use_patient_workers`: with `--workers N`, each worker process installs our app before KServe's
   routes, and may take 60 s instead of 5 s to answer KServe's liveness ping.
@@ -72,7 +72,7 @@ def use_guarded_grpc() -> None:
     """Make KServe's ModelServer start GuardedGRPCServer for `--enable_grpc true`."""
     from kserve import model_server
 
-    from .grpc_server import GuardedGRPCServer
+    from predictor.serving.grpc_server import GuardedGRPCServer
 
     model_server.GRPCServer = GuardedGRPCServer
 
@@ -107,7 +107,7 @@ def _patient_worker_process() -> type:
             # Runs in the worker process: the REST server it is about to run holds the unpickled model.
             from kserve import model_server
 
-            from .app import install
+            from predictor.serving.app import install
 
             rest_server = self._real_target.__self__
             for model in rest_server.dataplane.model_registry.get_models().values():
@@ -172,5 +172,5 @@ def check_installed() -> None:
     """Raise IncompatibleKServe, naming the installed version and each broken assumption, if any."""
     broken = problems()
     if broken:
-        raise IncompatibleKServe(f"kserve {metadata.version('kserve')} is installed; predictor.kserve_compat was "
+        raise IncompatibleKServe(f"kserve {metadata.version('kserve')} is installed; predictor.serving.kserve_compat was "
                                  f"written for {WRITTEN_FOR} and these no longer hold: {'; '.join(broken)}")

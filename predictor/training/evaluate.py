@@ -1,8 +1,8 @@
 """Measure the served pipeline on the held-out validation split: accuracy, per-class accuracy, ECE.
 
-    python -m predictor.evaluate --data /tmp/cifar10/train                  # in-process, shipped weights, fp32
-    python -m predictor.evaluate --data /tmp/cifar10/train --precision int8 # ... as the int8 path serves them
-    python -m predictor.evaluate --data /tmp/cifar10/train --url http://host:8080   # a running server
+    python -m predictor.training.evaluate --data /tmp/cifar10/train                  # in-process, shipped weights, fp32
+    python -m predictor.training.evaluate --data /tmp/cifar10/train --precision int8 # ... as the int8 path serves them
+    python -m predictor.training.evaluate --data /tmp/cifar10/train --url http://host:8080   # a running server
 
 Both modes send the JPEG files through exactly what serving runs (the same Cifar10Classifier
 preprocess -> batcher -> postprocess, or the live /classify/batch endpoint), so what is measured is
@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calibration import expected_calibration_error
-from .data import list_image_folder, resolve_image_folder, stratified_split
-from .errors import ApiError
-from .model import Cifar10Classifier, ClassifyRequest, Settings
-from .cifar import CLASSES
-from .weights import PACKAGED_DIR, WeightsError, read_card
+from predictor.cifar import CLASSES
+from predictor.model import Cifar10Classifier, ClassifyRequest, Settings
+from predictor.serving.errors import ApiError
+from predictor.training.calibration import expected_calibration_error
+from predictor.training.data import list_image_folder, resolve_image_folder, stratified_split
+from predictor.weights import PACKAGED_DIR, WeightsError, read_card
 
 CHUNK = 64  # files per request: /classify/batch's default limit
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     predicted = summary.pop("predicted")
     summary["source"] = args.url or f"in-process, {args.model_dir}, engine {args.engine}, precision {args.precision}"
     args.out.mkdir(parents=True, exist_ok=True)
-    from . import reports
+    from predictor.training import reports
     reports.confusion_matrix(predicted, labels, args.out / "confusion_matrix.png")
     (args.out / "evaluation.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"images {summary['images']}  accuracy {summary['accuracy']:.4f}  ECE(15 bins) {summary['ece_15_bins']:.4f}")

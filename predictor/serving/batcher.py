@@ -15,17 +15,16 @@ callers (a job worker submits one chunk at a time), not by `max_queue_images`.
 
 import asyncio
 import concurrent.futures
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import logging
-
 import numpy as np
 from kserve.errors import InferenceError
 
-from . import metrics
-from .errors import overloaded
+from predictor.serving import metrics
+from predictor.serving.errors import overloaded
 
 log = logging.getLogger("predictor")
 # What a caller of a failed forward pass is told (500 inference_error; gRPC INTERNAL): the exception

@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .calibration import reliability_bins  # noqa: E402
-from .cifar import CLASSES  # noqa: E402
+from predictor.cifar import CLASSES  # noqa: E402
+from predictor.training.calibration import reliability_bins  # noqa: E402
 
 
 def training_curve(history: list[dict], path: Path) -> None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from . import payloads
-from .errors import ApiError
+from predictor.serving import payloads
+from predictor.serving.errors import ApiError
 
 Slots = list[np.ndarray | ApiError]
 # Decodes encoded images off the event loop: (files, keep_errors) -> one image or error per file.
@@ -104,10 +104,10 @@ class Prepared:
 def omit_unset_optional_fields() -> None:
     """KServe's v2 REST answers carry `"parameters": null` (top level and per output), which the OIP
     schema forbids (`parameters` is an object when present): serve its InferenceResponse without them.
-    Called in every serving process (predictor.app.install); idempotent."""
-    from kserve.protocol.rest import v2_endpoints
+    Called in every serving process (predictor.serving.app.install); idempotent."""
     from typing import ClassVar
 
+    from kserve.protocol.rest import v2_endpoints
     from pydantic import model_serializer
 
     if getattr(v2_endpoints.InferenceResponse, "omits_unset", False):

@@ -1,7 +1,7 @@
 """int8 post-training static quantization: its calibration images, the shipped ONNX int8 graph, and PT2E.
 
-    python -m predictor.quantize --data /tmp/cifar10/train     # weights/calibration.npy + the int8 ONNX graph
-    python -m predictor.quantize --onnx-only                   # the int8 ONNX graph from the shipped calibration set
+    python -m predictor.training.quantize --data /tmp/cifar10/train     # weights/calibration.npy + the int8 ONNX graph
+    python -m predictor.training.quantize --onnx-only                   # the int8 ONNX graph from the shipped calibration set
 
 The calibration images are a few hundred *training-split* images (never validation ones), picked
 with a fixed seed, stored as uint8 next to the weights with their sha256 in the model card. From
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import load_image_folder, stratified_split
-from .network import normalize
-from .weights import CALIBRATION_FILE, CARD_FILE, ONNX_INPUT, PACKAGED_DIR, calibration_images, sha256_of
+from predictor.network import normalize
+from predictor.training.data import load_image_folder, stratified_split
+from predictor.weights import CALIBRATION_FILE, CARD_FILE, ONNX_INPUT, PACKAGED_DIR, calibration_images, sha256_of
 
 log = logging.getLogger("predictor")
 ONNX_INT8_FILE = "resnet18_cifar10.int8.onnx"
@@ -73,11 +73,16 @@ def write_onnx_int8(model_dir: Path) -> dict:
     import tempfile
 
     import onnxruntime
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .weights import load_model
+    from predictor.weights import load_model
 
     model, card = load_model(model_dir)
     calibration = calibration_images(model_dir, card)
@@ -104,7 +109,7 @@ def write_onnx_int8(model_dir: Path) -> dict:
                          "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                          "quantization": "static QDQ, int8 per-channel weights (7-bit reduce_range), uint8 activations, min/max calibration "
                                          "on the int8 calibration set"}
-    # The load-time gate's expected answers (predictor.engine.fp32_classes): recorded here, the server
+    # The load-time gate's expected answers (predictor.engines.selection.fp32_classes): recorded here, the server
     # need not run the fp32 network over the calibration set at every start.
     with torch.no_grad():
         fp32 = _Normalized(model).eval()(torch.from_numpy(calibration)).argmax(1)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .imaging import decode_image
-from .cifar import CLASSES
+from predictor.cifar import CLASSES
+from predictor.serving.imaging import decode_image
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}

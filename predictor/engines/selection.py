@@ -10,9 +10,9 @@ images ship, because they are gated at load like the int8 graph: the engine must
 network's class on at least 98 % of them, or `auto` serves fp32 (an explicit precision is refused).
 So `auto` never changes the numbers a CPU serves without checking them first, whatever its
 instruction set. Every shipped precision keeps validation accuracy within 0.3 points of fp32 (README,
-`predictor.evaluate --precision`).
+`predictor.training.evaluate --precision`).
 Compiled paths are compiled and warmed up at load, before the server reports ready.
-This module imports no torch: the torch engine (predictor.torch_engine) is imported only when it serves.
+This module imports no torch: the torch engine (predictor.engines.torch_engine) is imported only when it serves.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .weights import WeightsError
+from predictor.weights import WeightsError
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .reference import ReferenceNetwork
+    from predictor.engines.reference import ReferenceNetwork
 
 log = logging.getLogger("predictor")
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
@@ -133,13 +133,13 @@ def build_engine(card: dict, model_dir: Path | None, *, reference: ReferenceNetw
     device = resolve_device(device)
     chosen = choose_engine(engine, device, precision, model_dir is not None and "onnx_int8" in card)
     if chosen == "onnx":
-        from .onnx_engine import OnnxEngine, onnx_int8_path
+        from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path
 
         runner = OnnxEngine(onnx_int8_path(model_dir, card), max_batch_size, threads)
     else:
         if not torch_installed():
             raise without_torch(f"--engine {engine} --precision {precision}" if engine == "auto" else f"--engine {engine}")
-        from .torch_engine import InferenceEngine
+        from predictor.engines.torch_engine import InferenceEngine
 
         network = torch_network()
         runner = InferenceEngine(network, device, precision, max_batch_size, calibration, compile, threads)

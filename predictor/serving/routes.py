@@ -1,6 +1,6 @@
 """The seed's HTTP API (and what KServe's own routes lack), built for one classifier.
 
-`build_router(model)` returns the routes; `predictor.app.install` puts them on the app ahead of
+`build_router(model)` returns the routes; `predictor.serving.app.install` puts them on the app ahead of
 KServe's own, so `/health` and `/metrics` here win over KServe's.
 """
 
@@ -8,11 +8,11 @@ from importlib import metadata as package_metadata
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
-from . import metrics
-from .cache import CachedClassifier
-from .errors import ApiError, error_response
-from .model import Cifar10Classifier
-from .payloads import SERVER_EXTENSIONS, timestamp
+from predictor.model import Cifar10Classifier
+from predictor.serving import metrics
+from predictor.serving.cache import CachedClassifier
+from predictor.serving.errors import ApiError, error_response
+from predictor.serving.payloads import SERVER_EXTENSIONS, timestamp
 
 
 def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRouter:

@@ -19,7 +19,7 @@ from typing import Protocol
 import orjson
 from prometheus_client import Counter, Gauge
 
-from .errors import ApiError
+from predictor.serving.errors import ApiError
 
 log = logging.getLogger("predictor")
 

@@ -1,0 +1,1 @@
+"""Async batch jobs: the job model and worker, their HTTP API, and the two stores."""

@@ -1,0 +1,1 @@
+"""The request path: HTTP and gRPC routes, gates, decoding, batching, errors and metrics."""

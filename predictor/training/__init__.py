@@ -1,0 +1,1 @@
+"""Build time only (never imported by the server): training, evaluation, quantization, reports."""
