@@ -61,7 +61,7 @@ def test_the_server_checks_at_start_up_and_stops_with_one_line():
 
 def test_the_worker_class_is_found_by_name_in_a_fresh_process():
     """KServe spawns worker processes, which unpickle the worker class by its module and name."""
-    code = ("import pickle, sys; from predictor import kserve_compat as k; k.before_kserve_import(); "
+    code = ("import pickle, sys; from predictor.serving import kserve_compat as k; k.before_kserve_import(); "
             "cls = k.PatientWorkerProcess; assert pickle.loads(pickle.dumps(cls)) is cls; "
             "assert cls.is_alive.__defaults__ == (k.WORKER_ANSWER_TIMEOUT_S,)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

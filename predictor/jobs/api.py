@@ -23,7 +23,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from predictor.jobs.core import JOBS, TERMINAL, Job, JobStore, JobWorker, StoreUnavailable
-from predictor.serving.errors import ApiError
+from predictor.serving.errors import (
+    ApiError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    Unavailable,
+    UnprocessableRequest,
+)
 from predictor.serving.security import RateLimiter
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -50,16 +59,16 @@ class QueuedBytes:
     def reserve(self, account: str, size: int) -> None:
         limit = min(self.per_replica, self.per_account)
         if size > limit:
-            raise ApiError(413, "job_too_large", f"A job of {size} bytes exceeds the {limit} bytes of jobs one caller "
+            raise PayloadTooLarge("job_too_large", f"A job of {size} bytes exceeds the {limit} bytes of jobs one caller "
                            "may have queued; split it.")
         held_total, held_account = self.store.held_bytes(account)
         total = sum(self._uploads.values()) + held_total
         mine = self._uploads.get(account, 0) + held_account
         if mine + size > self.per_account:
-            raise ApiError(503, "job_queue_full", f"Your queued jobs hold {mine} bytes; {size} more would exceed the "
+            raise Unavailable("job_queue_full", f"Your queued jobs hold {mine} bytes; {size} more would exceed the "
                            f"limit of {self.per_account} per caller. Retry once they have run.", {"Retry-After": "10"})
         if total + size > self.per_replica:
-            raise ApiError(503, "job_queue_full", "This replica holds as many job bytes as it may; retry shortly.",
+            raise Unavailable("job_queue_full", "This replica holds as many job bytes as it may; retry shortly.",
                            {"Retry-After": "10"})
         self._uploads[account] = self._uploads.get(account, 0) + size
 
@@ -91,7 +100,7 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
             return key
         subject = request.headers.get(owner_header)
         if not subject:
-            raise ApiError(401, "unauthorized", "Jobs need an authenticated caller: send a valid token.",
+            raise Unauthorized("unauthorized", "Jobs need an authenticated caller: send a valid token.",
                            {"WWW-Authenticate": "Bearer"})
         return "sub:" + hashlib.sha256(subject.encode()).hexdigest()[:16]
 
@@ -99,7 +108,7 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
         caller = owner(request)
         job = await store.get(job_id) if _JOB_ID.match(job_id) else None
         if job is None or job.owner != caller:  # another key's job is as invisible as a missing one
-            raise ApiError(404, "job_not_found", f"No job {job_id!r} (it may have expired).")
+            raise NotFound("job_not_found", f"No job {job_id!r} (it may have expired).")
         return job
 
     async def read_files(request: Request) -> list[bytes]:
@@ -108,21 +117,21 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
             form = await request.form(max_files=max_files + 1, max_fields=8)
         except HTTPException as exc:  # the parser's refusals: too many parts, malformed multipart
             if str(exc.detail).startswith("Too many files"):
-                raise ApiError(413, "too_many_files", f"More than {max_files} files per job.") from None
+                raise PayloadTooLarge("too_many_files", f"More than {max_files} files per job.") from None
             if str(exc.detail).startswith("Too many fields"):
-                raise ApiError(413, "too_many_fields", "Too many form fields: send the images as `files` only.") from None
-            raise ApiError(400, "invalid_request", f"The multipart body cannot be parsed: {exc.detail}") from None
+                raise PayloadTooLarge("too_many_fields", "Too many form fields: send the images as `files` only.") from None
+            raise InvalidRequest("invalid_request", f"The multipart body cannot be parsed: {exc.detail}") from None
         except ClientDisconnect:
-            raise ApiError(400, "invalid_request", "The request body ended before it was complete.") from None
+            raise InvalidRequest("invalid_request", "The request body ended before it was complete.") from None
         try:
             files = form.getlist("files")
             if not files or not all(isinstance(f, UploadFile) for f in files):
-                raise ApiError(422, "invalid_request", "body.files: multipart file fields `files` are required.")
+                raise UnprocessableRequest("invalid_request", "body.files: multipart file fields `files` are required.")
             if len(files) > max_files:
-                raise ApiError(413, "too_many_files", f"{len(files)} files exceed the limit of {max_files} per job.")
+                raise PayloadTooLarge("too_many_files", f"{len(files)} files exceed the limit of {max_files} per job.")
             for number, upload in enumerate(files):
                 if upload.size is not None and upload.size > max_file_bytes:
-                    raise ApiError(413, "file_too_large", f"File {number} ({upload.size} bytes) exceeds the limit of "
+                    raise PayloadTooLarge("file_too_large", f"File {number} ({upload.size} bytes) exceeds the limit of "
                                    f"{max_file_bytes} bytes per image.")
             return [await f.read() for f in files]
         finally:
@@ -177,7 +186,7 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
         try:
             job = await owned(request, job_id)
             if job.status in TERMINAL or not await store.cancel(job_id):
-                raise ApiError(409, "job_finished", f"Job {job_id} has already finished ({job.status}).")
+                raise Conflict("job_finished", f"Job {job_id} has already finished ({job.status}).")
             JOBS.labels("cancelled").inc()
             return describe(await store.get(job_id))
         except StoreUnavailable:
@@ -196,5 +205,5 @@ def describe(job: Job) -> dict:
 
 def unavailable() -> ApiError:
     # Which Redis, and what it said, is in the log: neither is the client's business.
-    return ApiError(503, "job_store_unavailable", "The job store (Redis) cannot be reached; retry shortly.",
+    return Unavailable("job_store_unavailable", "The job store (Redis) cannot be reached; retry shortly.",
                     {"Retry-After": "5"})

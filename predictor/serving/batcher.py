@@ -24,7 +24,7 @@ import numpy as np
 from kserve.errors import InferenceError
 
 from predictor.serving import metrics
-from predictor.serving.errors import overloaded
+from predictor.serving.errors import Overloaded
 
 log = logging.getLogger("predictor")
 # What a caller of a failed forward pass is told (500 inference_error; gRPC INTERNAL): the exception
@@ -67,7 +67,8 @@ class DynamicBatcher:
         # An empty queue takes any request, so one larger than the queue bound is still served.
         if (not background and self._queued_images + len(images) > self.max_queue_images
                 and self._queued_images > 0):
-            raise overloaded(f"{self._queued_images} images are already queued (limit {self.max_queue_images})")
+            metrics.SHED.inc()
+            raise Overloaded(f"{self._queued_images} images are already queued (limit {self.max_queue_images})")
         # Background work comes in quarter batches, so it can fill what interactive requests leave of a batch.
         piece = self._piece if background else self.max_batch_size
         chunks = [_Pending(images[i:i + piece]) for i in range(0, len(images), piece)]

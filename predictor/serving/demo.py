@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from predictor.model import Cifar10Classifier
-from predictor.serving.errors import ApiError
+from predictor.serving.errors import NotFound
 
 UI_DIR = Path(__file__).parents[1] / "ui"
 # Everything the page loads comes from this server (no CDN is reachable from a cluster); its images
@@ -40,7 +40,7 @@ def build_ui_router(model: Cifar10Classifier) -> APIRouter:
             # Registered anyway, so that KServe's own `/` does not stand in for the page.
             if not wants_page(request):
                 return JSONResponse(_ALIVE, headers={"Vary": "Accept"})
-            raise ApiError(404, "not_found", "The demo page is turned off on this server (--ui false).")
+            raise NotFound("not_found", "The demo page is turned off on this server (--ui false).")
 
         return router
 
@@ -56,7 +56,7 @@ def build_ui_router(model: Cifar10Classifier) -> APIRouter:
     @router.get("/ui/{asset}")
     async def demo_asset(asset: str):
         if asset not in assets:
-            raise ApiError(404, "not_found", f"No such file: /ui/{asset}.")
+            raise NotFound("not_found", f"No such file: /ui/{asset}.")
         return Response(assets[asset], media_type=_ASSETS[asset], headers=_HEADERS)
 
     return router

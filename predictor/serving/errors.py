@@ -1,4 +1,4 @@
-"""The one error type every request path raises, rendered as {"error": {"code", "message"}}; on the
+"""The error types every request path raises (one per kind of failure, each with its HTTP status), rendered as {"error": {"code", "message"}}; on the
 Open Inference Protocol's routes (/v2/...) as the protocol's {"error": "<message>"}, the code beside it."""
 
 from contextvars import ContextVar
@@ -6,19 +6,21 @@ from contextvars import ContextVar
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from predictor.serving import metrics
-
 
 class ApiError(HTTPException):
-    """A client-visible failure with its HTTP status and a stable machine-readable code.
+    """A failure a client sees: a stable machine-readable `code` and a message; its kind (the subclass)
+    decides the HTTP status, and the gRPC edge maps that status to a gRPC code
+    (predictor.serving.grpc_server.status_code). Raised by whatever finds the problem, rendered only at
+    the edges.
 
     It is an HTTPException so that FastAPI re-raises it untouched when it surfaces while a request
     body is being parsed (otherwise FastAPI turns any parsing failure into a generic 400).
     """
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(status_code=status, detail=message, headers=headers)
-        self.status = status
+    status = 500
+
+    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(status_code=self.status, detail=message, headers=headers)
         self.code = code
         self.message = message
 
@@ -29,10 +31,76 @@ class ApiError(HTTPException):
         return error_response(self.status, self.code, self.message, self.headers)
 
 
-def overloaded(reason: str) -> ApiError:
-    """The 503 for a call shed because the replica is saturated (counted in predictor_shed_requests_total)."""
-    metrics.SHED.inc()
-    return ApiError(503, "overloaded", f"{reason}; retry shortly.", {"Retry-After": "1"})
+class InvalidRequest(ApiError):
+    """The input breaks a rule: malformed body, bad image, wrong tensor, unknown parameter."""
+    status = 400
+
+
+class UnprocessableRequest(ApiError):
+    """A well-formed body without a required field (FastAPI's own status for its validation errors)."""
+    status = 422
+
+
+class Unauthorized(ApiError):
+    """No API key, or not a valid one."""
+    status = 401
+
+
+class NotFound(ApiError):
+    """No such route, model, version, job or asset (or not one the caller may see)."""
+    status = 404
+
+
+class Conflict(ApiError):
+    """The resource's state forbids the call (cancelling a finished job)."""
+    status = 409
+
+
+class PayloadTooLarge(ApiError):
+    """Too many bytes, files, pixels or images."""
+    status = 413
+
+
+class UnsupportedMediaType(ApiError):
+    """Not JPEG/PNG, or a body encoding the server does not decode."""
+    status = 415
+
+
+class RateLimited(ApiError):
+    """The caller's token bucket is empty."""
+    status = 429
+
+
+class InternalError(ApiError):
+    """A bug: the message names no internals (the log has the traceback)."""
+    status = 500
+
+
+class InferenceFailed(ApiError):
+    """The forward pass failed; retrying may succeed (the engine's own error is in the log only)."""
+    status = 500
+
+
+class NotImplementedHere(ApiError):
+    """A protocol operation this predictor refuses (the model repository API)."""
+    status = 501
+
+
+class Unavailable(ApiError):
+    """This replica cannot serve the call now: not ready, shutting down, a dependency down, saturated."""
+    status = 503
+
+
+class DeadlineExceeded(ApiError):
+    """The call did not complete within its deadline."""
+    status = 504
+
+
+class Overloaded(Unavailable):
+    """A call shed because the replica is saturated; whoever sheds counts it (predictor_shed_requests_total)."""
+
+    def __init__(self, reason: str):
+        super().__init__("overloaded", f"{reason}; retry shortly.", {"Retry-After": "1"})
 
 
 # Set by the guard for each request: True on the OIP routes, whose clients (tritonclient, KServe's

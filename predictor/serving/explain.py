@@ -24,8 +24,8 @@ from PIL import Image
 from predictor.cifar import CLASSES, IMAGE_SIZE
 from predictor.engines.reference import ReferenceNetwork
 from predictor.model import Cifar10Classifier
-from predictor.serving import payloads
-from predictor.serving.errors import ApiError, overloaded
+from predictor.serving import metrics, payloads
+from predictor.serving.errors import InvalidRequest, NotFound, Overloaded, Unavailable
 
 OVERLAY_SCALE = 4  # the 32x32 overlay is upscaled 4x (128x128) so a person can see it
 OVERLAY_ALPHA = 0.5  # share of the heat-map's colour in the overlay
@@ -117,7 +117,7 @@ def parse_target(value: str | None) -> int | None:
     # isascii: str.isdigit also accepts superscripts and other digits int() refuses ('²').
     if text.isascii() and text.isdigit() and int(text) < len(CLASSES):
         return int(text)
-    raise ApiError(400, "invalid_target_class",
+    raise InvalidRequest("invalid_target_class",
                    f"target_class {value!r} is not a class: use a name ({', '.join(CLASSES)}) or an index 0..{len(CLASSES) - 1}.")
 
 
@@ -135,7 +135,8 @@ class ExplainPool:
 
     async def run(self, work: Callable[[], list[dict]]) -> list[dict]:
         if self.running >= self.limit:
-            raise overloaded(f"{self.running} explanations are already running (limit {self.limit})")
+            metrics.SHED.inc()
+            raise Overloaded(f"{self.running} explanations are already running (limit {self.limit})")
         if self._executor is None:  # made on first use, in the process that serves (workers unpickle the model)
             self._executor = concurrent.futures.ThreadPoolExecutor(self.limit, thread_name_prefix="explain")
         loop = asyncio.get_running_loop()
@@ -172,9 +173,9 @@ def build_explain_router(model: Cifar10Classifier) -> APIRouter:
         precision (`served_precision`), so its confidence can differ slightly from `:predict`'s.
         """
         if model_name != model.name:
-            raise ApiError(404, "model_not_found", f"Model with name {model_name} does not exist.")
+            raise NotFound("model_not_found", f"Model with name {model_name} does not exist.")
         if not model.ready:
-            raise ApiError(503, "model_not_ready", "The model is not loaded yet.")
+            raise Unavailable("model_not_ready", "The model is not loaded yet.")
         target = parse_target(target_class)
         prepared = await model.preprocess(await _request_payload(request))
         images = np.stack(prepared.slots)

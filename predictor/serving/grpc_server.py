@@ -29,7 +29,16 @@ from kserve.protocol.grpc import server as kserve_grpc
 from kserve.protocol.grpc.servicer import InferenceServicer
 
 from predictor.serving import metrics
-from predictor.serving.errors import ApiError
+from predictor.serving.errors import (
+    ApiError,
+    DeadlineExceeded,
+    InferenceFailed,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    NotImplementedHere,
+    Unavailable,
+)
 from predictor.serving.guard import Gates
 from predictor.serving.payloads import SERVER_EXTENSIONS
 
@@ -57,19 +66,19 @@ def as_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, TimeoutError):
-        return ApiError(504, "deadline_exceeded", "The request did not complete within its deadline.")
+        return DeadlineExceeded("deadline_exceeded", "The request did not complete within its deadline.")
     if isinstance(exc, kserve_errors.InvalidInput):
-        return ApiError(400, "invalid_request", exc.reason)
+        return InvalidRequest("invalid_request", exc.reason)
     if isinstance(exc, kserve_errors.ModelNotFound):
-        return ApiError(404, "model_not_found", exc.reason)
+        return NotFound("model_not_found", exc.reason)
     if isinstance(exc, (kserve_errors.ModelNotReady, kserve_errors.ServerNotReady, kserve_errors.ServerNotLive)):
-        return ApiError(503, "model_not_ready", exc.reason)
+        return Unavailable("model_not_ready", exc.reason)
     if isinstance(exc, NotImplementedError):
-        return ApiError(404, "not_supported", str(exc) or "Not supported by this predictor.")
+        return NotFound("not_supported", str(exc) or "Not supported by this predictor.")
     if isinstance(exc, kserve_errors.InferenceError):
-        return ApiError(500, "inference_error", exc.reason)
+        return InferenceFailed("inference_error", exc.reason)
     log.error("gRPC: unexpected %s", type(exc).__name__, exc_info=exc)
-    return ApiError(500, "internal_error", "Internal server error.")
+    return InternalError("internal_error", "Internal server error.")
 
 
 def _metadata(headers: dict | None, extra: list[tuple[bytes, bytes]] = ()) -> tuple[tuple[str, str], ...]:
@@ -143,7 +152,7 @@ class GateInterceptor(aio.ServerInterceptor):
             async with asyncio.timeout(timeout_s):
                 response = await behavior(request, context)
         except TimeoutError:
-            raise ApiError(504, "deadline_exceeded", f"The request did not complete within {timeout_s:g} s.") from None
+            raise DeadlineExceeded("deadline_exceeded", f"The request did not complete within {timeout_s:g} s.") from None
         finally:
             gates.drain.in_flight -= 1
         context.set_trailing_metadata(_metadata(None, extra))
@@ -158,16 +167,16 @@ class GuardedServicer(InferenceServicer):
         self.gates = gates
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context):
-        raise ApiError(501, "not_supported", REPOSITORY_REFUSED)
+        raise NotImplementedHere("not_supported", REPOSITORY_REFUSED)
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context):
-        raise ApiError(501, "not_supported", REPOSITORY_REFUSED)
+        raise NotImplementedHere("not_supported", REPOSITORY_REFUSED)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context):
         """The proto's fields only (KServe's would pass the REST metadata's `parameters`, which the proto lacks)."""
         model = self._data_plane.get_model_from_registry(request.name)
         if request.version and request.version != model.version:
-            raise ApiError(404, "not_supported", f"Model {model.name} has no version {request.version!r}; "
+            raise NotFound("not_supported", f"Model {model.name} has no version {request.version!r}; "
                                                  f"it serves version {model.version!r} only.")
 
         def tensors(types: list[dict]) -> list:
@@ -186,7 +195,7 @@ class GuardedServicer(InferenceServicer):
             # The one version served is the weights' (ModelMetadata's `versions`); no other exists.
             model = self._data_plane.get_model_from_registry(request.model_name)
             if request.model_version != model.version:
-                raise ApiError(404, "not_supported", f"Model {model.name} has no version {request.model_version!r}; "
+                raise NotFound("not_supported", f"Model {model.name} has no version {request.model_version!r}; "
                                                      f"it serves version {model.version!r} only.")
         return await super().ModelInfer(request, context)
 

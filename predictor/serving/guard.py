@@ -21,7 +21,18 @@ from starlette.routing import Match
 from predictor.config import Settings
 from predictor.serving import metrics
 from predictor.serving.drain import Drain
-from predictor.serving.errors import OIP_ERRORS, ApiError, error_response, overloaded
+from predictor.serving.errors import (
+    OIP_ERRORS,
+    ApiError,
+    InvalidRequest,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+    error_response,
+)
 from predictor.serving.payloads import v2_binary_framing_error
 from predictor.serving.security import RateLimiter, caller_identity, key_id, presented_key
 
@@ -91,13 +102,13 @@ class Gates:
         settings = self.settings
         limiter = self.read_limiter if job_read else self.limiter
         if self.drain.draining:
-            return ApiError(503, "shutting_down", "This replica is shutting down; retry on another.",
+            return Unavailable("shutting_down", "This replica is shutting down; retry on another.",
                             {"Retry-After": "1", "Connection": "close"})
         headers = dict(scope["headers"])
         key = presented_key(headers)
         if settings.api_keys.enabled and not settings.api_keys.accepts(key):
             message = "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
-            return ApiError(401, "unauthorized", message if key is None else "The API key is not valid.",
+            return Unauthorized("unauthorized", message if key is None else "The API key is not valid.",
                             {"WWW-Authenticate": "Bearer"})
         key = key if settings.api_keys.enabled else None
         identity = caller_identity(scope, key, settings.trusted_proxy_hops)
@@ -107,13 +118,14 @@ class Gates:
             extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
                                  if k != "Retry-After")
             if not decision.allowed:
-                return ApiError(429, "rate_limited",
+                return RateLimited("rate_limited",
                                 f"More than {decision.limit} requests per minute; retry in {decision.retry_after_s} s.",
                                 {"Retry-After": str(decision.retry_after_s)})
         if self.drain.in_flight >= settings.max_in_flight:
             # Refused before the body is read or FastAPI runs: far above saturation a refusal must
             # cost much less than a served call, or the refusals themselves swamp the event loop.
-            return overloaded(f"{self.drain.in_flight} calls are already in flight (limit {settings.max_in_flight})")
+            metrics.SHED.inc()
+            return Overloaded(f"{self.drain.in_flight} calls are already in flight (limit {settings.max_in_flight})")
         return None
 
 
@@ -258,25 +270,25 @@ class RequestGuard:
         arrives, with the size limit applied to the decoded bytes too (a small bomb is a 413 like a large
         body); the app then sees a plain body. Any other coding: 415, rather than bytes it cannot read."""
         if encoding not in (b"gzip", b"x-gzip", b"deflate"):
-            raise ApiError(415, "unsupported_media_type",
+            raise UnsupportedMediaType("unsupported_media_type",
                            f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; send gzip, deflate or none.")
         decoder = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding != b"deflate" else zlib.MAX_WBITS)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                raise ApiError(400, "invalid_request", "The request body ended before it was complete.")
+                raise InvalidRequest("invalid_request", "The request body ended before it was complete.")
             try:
                 chunk = decoder.decompress(message.get("body", b""), limit + 1 - size)
             except zlib.error:
-                raise ApiError(400, "invalid_request", f"The request body is not valid {encoding.decode()} data.") from None
+                raise InvalidRequest("invalid_request", f"The request body is not valid {encoding.decode()} data.") from None
             size += len(chunk)
             if size > limit or decoder.unconsumed_tail:
-                raise ApiError(413, "payload_too_large", f"The decoded request body exceeds the limit of {limit} bytes.")
+                raise PayloadTooLarge("payload_too_large", f"The decoded request body exceeds the limit of {limit} bytes.")
             chunks.append(chunk)
             more = message.get("more_body", False)
         if not decoder.eof:
-            raise ApiError(400, "invalid_request", f"The {encoding.decode()} request body is truncated.")
+            raise InvalidRequest("invalid_request", f"The {encoding.decode()} request body is truncated.")
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
         return _replay(b"".join(chunks))
 
@@ -300,7 +312,7 @@ class RequestGuard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise ApiError(413, "payload_too_large", f"Request body exceeds the limit of {limit} bytes.")
+                    raise PayloadTooLarge("payload_too_large", f"Request body exceeds the limit of {limit} bytes.")
             return message
 
         return counted
@@ -317,7 +329,7 @@ class RequestGuard:
         while more:
             message = await receive()
             if message["type"] != "http.request":  # the client went away
-                raise ApiError(400, "invalid_request", "The request body ended before it was complete.")
+                raise InvalidRequest("invalid_request", "The request body ended before it was complete.")
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         body = b"".join(chunks)

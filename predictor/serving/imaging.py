@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from predictor.cifar import IMAGE_SIZE
-from predictor.serving.errors import ApiError
+from predictor.serving.errors import ApiError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,12 +26,12 @@ _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 def sniff_format(data: bytes) -> str:
     """'JPEG' or 'PNG' from the leading bytes; anything else is refused with 415."""
     if not data:
-        raise ApiError(400, "empty_file", "The uploaded file is empty.")
+        raise InvalidRequest("empty_file", "The uploaded file is empty.")
     if data.startswith(JPEG_MAGIC):
         return "JPEG"
     if data.startswith(PNG_MAGIC):
         return "PNG"
-    raise ApiError(415, "unsupported_media_type", "Only JPEG and PNG images are accepted (decided by the file's content).")
+    raise UnsupportedMediaType("unsupported_media_type", "Only JPEG and PNG images are accepted (decided by the file's content).")
 
 
 def decode_image(data: bytes, max_side: int = DEFAULT_MAX_PIXELS_PER_SIDE) -> np.ndarray:
@@ -48,10 +48,10 @@ def decode_image(data: bytes, max_side: int = DEFAULT_MAX_PIXELS_PER_SIDE) -> np
             image = Image.open(io.BytesIO(data), formats=[expected])
             width, height = image.size
             if width < 1 or height < 1:
-                raise ApiError(400, "invalid_image", "The image has no pixels.")
+                raise InvalidRequest("invalid_image", "The image has no pixels.")
             if width > max_side or height > max_side:
-                raise ApiError(
-                    413, "image_too_large",
+                raise PayloadTooLarge(
+                    "image_too_large",
                     f"Image dimensions {width}x{height} exceed the limit of {max_side}x{max_side}.",
                 )
             if expected == "JPEG":
@@ -62,10 +62,10 @@ def decode_image(data: bytes, max_side: int = DEFAULT_MAX_PIXELS_PER_SIDE) -> np
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(413, "image_too_large", f"Image refused as a decompression bomb: {exc}") from None
+        raise PayloadTooLarge("image_too_large", f"Image refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # PIL raises many types for corrupt data; all mean "bad image".
         reason = _OBJECT_REPR.sub("", str(exc)).strip()
-        raise ApiError(400, "invalid_image", f"The {expected} data is corrupt or truncated: {reason}") from None
+        raise InvalidRequest("invalid_image", f"The {expected} data is corrupt or truncated: {reason}") from None
     return np.asarray(_square_resize(image), dtype=np.uint8)
 
 

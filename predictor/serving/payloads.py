@@ -10,7 +10,7 @@ import orjson
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
 from predictor.cifar import CLASSES, IMAGE_SIZE
-from predictor.serving.errors import ApiError
+from predictor.serving.errors import ApiError, InvalidRequest, PayloadTooLarge
 
 PIXELS_SHAPE = [-1, IMAGE_SIZE, IMAGE_SIZE, 3]
 V2_INPUTS = [
@@ -31,11 +31,11 @@ SERVER_EXTENSIONS = ["binary_tensor_data"]
 
 def b64decode(text: object, where: str) -> bytes:
     if not isinstance(text, str):
-        raise ApiError(400, "invalid_base64", f"{where}: expected a base64 string.")
+        raise InvalidRequest("invalid_base64", f"{where}: expected a base64 string.")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, "invalid_base64", f"{where}: not valid base64.") from None
+        raise InvalidRequest("invalid_base64", f"{where}: not valid base64.") from None
 
 
 def json_object(body: bytes) -> dict:
@@ -43,21 +43,21 @@ def json_object(body: bytes) -> dict:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"The body is neither an image nor valid JSON: {exc}") from None
+        raise InvalidRequest("invalid_json", f"The body is neither an image nor valid JSON: {exc}") from None
 
 
 def v1_instances(body: dict, max_images: int) -> list[bytes]:
     """{"instances": [{"image": {"b64": ...}} | {"b64": ...}, ...]} -> image bytes per instance."""
     instances = body.get("instances") if isinstance(body, dict) else None
     if not isinstance(instances, list) or not instances:
-        raise ApiError(400, "invalid_request", 'Expected {"instances": [{"image": {"b64": "..."}}, ...]} with at least one instance.')
+        raise InvalidRequest("invalid_request", 'Expected {"instances": [{"image": {"b64": "..."}}, ...]} with at least one instance.')
     if len(instances) > max_images:
-        raise ApiError(413, "too_many_images", f"{len(instances)} instances exceed the limit of {max_images}.")
+        raise PayloadTooLarge("too_many_images", f"{len(instances)} instances exceed the limit of {max_images}.")
     out = []
     for i, instance in enumerate(instances):
         image = instance.get("image", instance) if isinstance(instance, dict) else None
         if not isinstance(image, dict) or "b64" not in image:
-            raise ApiError(400, "invalid_request", f'instances[{i}]: expected {{"image": {{"b64": "..."}}}}.')
+            raise InvalidRequest("invalid_request", f'instances[{i}]: expected {{"image": {{"b64": "..."}}}}.')
         out.append(b64decode(image["b64"], f"instances[{i}].image.b64"))
     return out
 
@@ -66,14 +66,14 @@ def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None
     """The single v2 input -> (encoded images, None) for BYTES or (None, pixels [N,32,32,3]) for UINT8."""
     unknown = [o.name for o in request.request_outputs or () if o.name not in V2_OUTPUT_NAMES]
     if unknown:
-        raise ApiError(400, "unknown_output", f"Unknown output {unknown[0]!r}; the outputs are {', '.join(V2_OUTPUT_NAMES)}.")
+        raise InvalidRequest("unknown_output", f"Unknown output {unknown[0]!r}; the outputs are {', '.join(V2_OUTPUT_NAMES)}.")
     if len(request.inputs) != 1:
-        raise ApiError(400, "invalid_request", f"Expected exactly one input ('image' BYTES or 'pixels' UINT8), got {len(request.inputs)}.")
+        raise InvalidRequest("invalid_request", f"Expected exactly one input ('image' BYTES or 'pixels' UINT8), got {len(request.inputs)}.")
     tensor: InferInput = request.inputs[0]
     shape = list(tensor.shape or [])
     count = shape[0] if shape else 0
     if count > max_images:
-        raise ApiError(413, "too_many_images", f"{count} images exceed the limit of {max_images}.")
+        raise PayloadTooLarge("too_many_images", f"{count} images exceed the limit of {max_images}.")
     if tensor.datatype == "BYTES":
         # JSON carries base64 strings; gRPC carries the files themselves as bytes.
         try:
@@ -81,21 +81,21 @@ def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None
         except (ValueError, TypeError):
             items = []
         except struct.error:  # raw BYTES (gRPC, binary extension): a 4-byte length prefix runs past the data
-            raise ApiError(400, "invalid_tensor", f"BYTES data of {tensor.name!r} is malformed: an element's length "
+            raise InvalidRequest("invalid_tensor", f"BYTES data of {tensor.name!r} is malformed: an element's length "
                                                   "prefix runs past the data.") from None
         if len(items) != count or count < 1:
-            raise ApiError(400, "invalid_shape", f"BYTES input must have shape [N] with N >= 1 images, got shape {shape}.")
+            raise InvalidRequest("invalid_shape", f"BYTES input must have shape [N] with N >= 1 images, got shape {shape}.")
         return [item if isinstance(item, bytes) else b64decode(item, f"{tensor.name}[{i}]")
                 for i, item in enumerate(items)], None
     if tensor.datatype == "UINT8":
         if len(shape) != 4 or shape[1:] != PIXELS_SHAPE[1:] or count < 1:
-            raise ApiError(400, "invalid_shape", f"UINT8 input must have shape [N, 32, 32, 3], got {shape}.")
+            raise InvalidRequest("invalid_shape", f"UINT8 input must have shape [N, 32, 32, 3], got {shape}.")
         try:
             pixels = tensor.as_numpy()
         except (ValueError, TypeError, OverflowError) as exc:
-            raise ApiError(400, "invalid_tensor", f"UINT8 data does not match shape {shape}: {exc}") from None
+            raise InvalidRequest("invalid_tensor", f"UINT8 data does not match shape {shape}: {exc}") from None
         return None, np.ascontiguousarray(pixels, dtype=np.uint8)
-    raise ApiError(400, "unsupported_datatype", f"Input datatype {tensor.datatype} is not accepted; use BYTES (JPEG or PNG files; base64 in JSON) or UINT8 [N,32,32,3].")
+    raise InvalidRequest("unsupported_datatype", f"Input datatype {tensor.datatype} is not accepted; use BYTES (JPEG or PNG files; base64 in JSON) or UINT8 [N,32,32,3].")
 
 
 def classification(probabilities: np.ndarray, top_k: int | None = None) -> dict:
@@ -146,7 +146,7 @@ def v2_binary_framing_error(header_length: bytes, body: bytes) -> ApiError | Non
     sizes must be whole numbers that match the shapes and add up to exactly what was sent.
     """
     def invalid(message: str) -> ApiError:
-        return ApiError(400, "invalid_request", message)
+        return InvalidRequest("invalid_request", message)
 
     text = header_length.decode("latin-1").strip()
     if not text.isdigit() or not 0 < int(text) <= len(body):
@@ -165,7 +165,7 @@ def v2_binary_framing_error(header_length: bytes, body: bytes) -> ApiError | Non
         if type(size) is not int or size < 0:
             return invalid(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}.")
         if item.get("datatype") == "BYTES":
-            return ApiError(400, "unsupported_binary_bytes",
+            return InvalidRequest("unsupported_binary_bytes",
                             f"BYTES input {name!r} over the binary-data extension is not supported (kserve 0.21 "
                             "re-encodes it as text); send base64 strings in JSON, or a UINT8 'pixels' tensor as binary.")
         item_size = _V2_ITEM_SIZES.get(item.get("datatype"))

@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from predictor.model import Cifar10Classifier
 from predictor.serving import metrics
 from predictor.serving.cache import CachedClassifier
-from predictor.serving.errors import ApiError, error_response
+from predictor.serving.errors import ApiError, NotFound, PayloadTooLarge, Unavailable, error_response
 from predictor.serving.payloads import SERVER_EXTENSIONS, timestamp
 
 
@@ -22,7 +22,7 @@ def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRoute
 
     def serving() -> Cifar10Classifier:
         if not model.ready:
-            raise ApiError(503, "model_not_ready", "The model is not loaded yet.")
+            raise Unavailable("model_not_ready", "The model is not loaded yet.")
         return model
 
     @router.post("/classify/image", tags=["classify"], summary="Classify one uploaded image")
@@ -44,7 +44,7 @@ def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRoute
         """Multipart fields `files` -> {"results": [...]} in input order; a bad file gets an error object in its slot."""
         limit = model.settings.max_batch_files
         if len(files) > limit:
-            raise ApiError(413, "too_many_files", f"{len(files)} files exceed the limit of {limit} per request.")
+            raise PayloadTooLarge("too_many_files", f"{len(files)} files exceed the limit of {limit} per request.")
         serving()
         results, hit = await cached([await f.read() for f in files], top_k, request.state.api_key_id)
         response.headers["X-Cache"] = "hit" if hit else "miss"
@@ -56,9 +56,9 @@ def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRoute
         """KServe's v2 metadata, plus `versions` (the weights' sha256 prefix) and `parameters`: device,
         precision, compilation and load time, so an operator can see what a replica actually runs."""
         if model.name != model_name:
-            raise ApiError(404, "model_not_found", f"Model with name {model_name} does not exist.")
+            raise NotFound("model_not_found", f"Model with name {model_name} does not exist.")
         if model_version:
-            raise ApiError(404, "not_supported", "Model versions are not served: this predictor serves one unversioned model.")
+            raise NotFound("not_supported", "Model versions are not served: this predictor serves one unversioned model.")
         return {"name": model.name, "versions": [model.version], "platform": model.platform,
                 "inputs": model.get_input_types(), "outputs": model.get_output_types(), "parameters": model.metadata}
 
