@@ -157,6 +157,12 @@ def multipart(files: list[bytes]) -> list[tuple]:
     return [("files", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(files)]
 
 
+def calls_in_flight(base_url: str) -> float:
+    """predictor_in_flight_requests as the server's /metrics shows it now: the calls it has admitted."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    return float(re.search(r"^predictor_in_flight_requests (\S+)$", text, re.M).group(1))
+
+
 def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
     """Poll `condition` until it returns something true and return that; fail after `timeout` seconds (a
     bound, not a pace) with its last value, or the connection or parse error it last raised."""

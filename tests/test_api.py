@@ -199,7 +199,7 @@ def test_metrics_names_and_seed_queries(server, cifar_jpegs):
     assert 'api_request_latency_seconds_bucket{endpoint="classify_image",le="0.001"}' in text
     assert 'api_request_latency_seconds_bucket{endpoint="classify_image",le="10.0"}' in text
     for name in ("request_predict_seconds_bucket", "request_preprocess_seconds_bucket", "predictor_batch_size_bucket",
-                 "predictor_queue_depth", "predictor_forward_failures_total"):
+                 "predictor_queue_depth", "predictor_in_flight_requests", "predictor_forward_failures_total"):
         assert name in text
 
 

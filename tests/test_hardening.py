@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import MODEL_NAME, ROOT, Server, error_fields, read_http_response, wait_until
+from .conftest import MODEL_NAME, ROOT, Server, calls_in_flight, error_fields, read_http_response, wait_until
 
 KEYS = ("alpha-key-0123456789", "beta-key-9876543210", "gamma-key-from-file")
 
@@ -190,7 +190,7 @@ def test_calls_beyond_the_in_flight_limit_are_refused_before_their_body_is_read(
         held = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(2)]
         for sock in held:
             sock.sendall(first_part)
-        time.sleep(0.5)  # both are admitted and waiting for the rest of their bodies
+        wait_until(lambda: calls_in_flight(srv.url) == 2, 30, "both uploads to be admitted")  # waiting for their bodies
         started = time.monotonic()
         refused = upload(srv.client, image)
         assert time.monotonic() - started < 2

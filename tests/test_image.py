@@ -38,7 +38,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import IMAGES, MODEL_NAME, free_port
+from .conftest import IMAGES, MODEL_NAME, calls_in_flight, free_port, wait_until
 from .deploy_common import ROOT, chart_pod, predictor_container, render, run
 
 pytestmark = pytest.mark.image
@@ -328,7 +328,7 @@ def test_sigterm_during_load_answers_every_admitted_request_and_exits_0(pod, tmp
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             first_wave = [pool.submit(call, i) for i in range(12)]
-            time.sleep(1.0)  # the first wave is admitted and queued by now
+            wait_until(lambda: calls_in_flight(p.url) == 12, 60, "the first wave to be admitted")
             podman("kill", "--signal", "TERM", p.container)
             signalled = time.monotonic()
             late = [pool.submit(call, i) for i in range(12, 16)]

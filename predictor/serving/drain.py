@@ -13,6 +13,10 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from predictor.serving import metrics
 
 log = logging.getLogger("predictor")
 _POLL_S = 0.05
@@ -40,6 +44,18 @@ class Drain:
 
     def calls_in_flight(self) -> int:
         return self.in_flight
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """One admitted prediction call (HTTP or gRPC) while it runs: counted in flight here and in
+        predictor_in_flight_requests."""
+        self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
 
     def begin(self) -> None:
         if self.draining:

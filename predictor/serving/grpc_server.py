@@ -147,14 +147,12 @@ class GateInterceptor(aio.ServerInterceptor):
             raise refused
         remaining = context.time_remaining()
         timeout_s = gates.settings.request_timeout_s if remaining is None else min(remaining, gates.settings.request_timeout_s)
-        gates.drain.in_flight += 1
-        try:
-            async with asyncio.timeout(timeout_s):
-                response = await behavior(request, context)
-        except TimeoutError:
-            raise DeadlineExceeded("deadline_exceeded", f"The request did not complete within {timeout_s:g} s.") from None
-        finally:
-            gates.drain.in_flight -= 1
+        with gates.drain.admitted():
+            try:
+                async with asyncio.timeout(timeout_s):
+                    response = await behavior(request, context)
+            except TimeoutError:
+                raise DeadlineExceeded("deadline_exceeded", f"The request did not complete within {timeout_s:g} s.") from None
         context.set_trailing_metadata(_metadata(None, extra))
         return response
 

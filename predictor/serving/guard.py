@@ -225,28 +225,26 @@ class RequestGuard:
         in, cut off at the size limit; a v2 binary body read whole and its framing checked first) and
         the route. 504 once the deadline passes; the error of a refused body as JSON, never a 500."""
         timeout_s = settings.request_timeout_s
-        self.drain.in_flight += 1
-        try:
-            async with asyncio.timeout(timeout_s):
-                receive = self._counting(receive, body_limit)
-                encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").strip().lower()
-                if encoding != b"identity":
-                    receive = await self._decoded(scope, encoding, receive, body_limit)
-                header_length = dict(scope["headers"]).get(b"inference-header-content-length")
-                if header_length is not None:
-                    receive = await self._screen_v2_binary(header_length, receive)
-                await self.app(scope, receive, send)
-        except TimeoutError:
-            if status["started"]:
-                raise
-            await error_response(504, "deadline_exceeded", f"The request did not complete within {timeout_s:g} s.")(
-                scope, receive, send)
-        except ApiError as exc:
-            if status["started"]:
-                raise
-            await exc.response()(scope, receive, send)
-        finally:
-            self.drain.in_flight -= 1
+        with self.drain.admitted():
+            try:
+                async with asyncio.timeout(timeout_s):
+                    receive = self._counting(receive, body_limit)
+                    encoding = dict(scope["headers"]).get(b"content-encoding", b"identity").strip().lower()
+                    if encoding != b"identity":
+                        receive = await self._decoded(scope, encoding, receive, body_limit)
+                    header_length = dict(scope["headers"]).get(b"inference-header-content-length")
+                    if header_length is not None:
+                        receive = await self._screen_v2_binary(header_length, receive)
+                    await self.app(scope, receive, send)
+            except TimeoutError:
+                if status["started"]:
+                    raise
+                await error_response(504, "deadline_exceeded", f"The request did not complete within {timeout_s:g} s.")(
+                    scope, receive, send)
+            except ApiError as exc:
+                if status["started"]:
+                    raise
+                await exc.response()(scope, receive, send)
 
     def _allow_every_method(self, scope, send):
         """A 405's Allow lists every method the path has: Starlette names only the first route whose path

@@ -25,6 +25,8 @@ BATCH_SIZE = Histogram(
 )
 QUEUE_DEPTH = Gauge("predictor_queue_depth", "Images admitted and waiting for a forward pass",
                     multiprocess_mode="livesum")
+IN_FLIGHT = Gauge("predictor_in_flight_requests", "Prediction calls admitted (HTTP and gRPC) and not yet answered; "
+                  "--max_in_flight is its limit per process", multiprocess_mode="livesum")
 FORWARD_FAILURES = Counter("predictor_forward_failures_total", "Forward passes that raised (their requests got 500)")
 SHED = Counter("predictor_shed_requests_total", "Requests refused with 503 because the replica was saturated (calls in flight or batch queue at their limit)")
 # What the model answers, not only how fast: the class mix and confidence per model version show
