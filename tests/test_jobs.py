@@ -20,7 +20,7 @@ from predictor.jobs.redis_store import RedisJobStore
 from predictor.redis_client import connect
 from predictor.serving.batcher import DynamicBatcher
 
-from .conftest import MODEL_NAME, Server, encode, multipart, wait_for_job
+from .conftest import MODEL_NAME, Server, encode, multipart, wait_for_job, wait_until
 from .redis_server import RedisServer, redis_server  # noqa: F401  (a fixture)
 
 
@@ -430,9 +430,11 @@ def test_results_expire(replicas, holdout):
     first, _ = replicas
     job = submit(first, [holdout[1][0]], key="b")
     wait_for_job(first, job["job_id"], ("succeeded",), headers=auth("b"))
-    time.sleep(9)
-    gone = first.client.get(f"/classify/jobs/{job['job_id']}", headers=auth("b"))
-    assert gone.status_code == 404 and gone.json()["error"]["code"] == "job_not_found"
+    finished = time.monotonic()
+    gone = wait_until(lambda: (r := first.client.get(f"/classify/jobs/{job['job_id']}", headers=auth("b"))).status_code
+                      == 404 and r, 30, "the finished job to expire (--job_ttl_s 8)", interval=0.5)
+    assert gone.json()["error"]["code"] == "job_not_found"
+    assert time.monotonic() - finished > 5, "gone long before its TTL"  # 8 s, less the polling's slack
 
 
 def test_job_limits_are_4xx_json(replicas, holdout):
