@@ -99,9 +99,9 @@ def test_a_failed_forward_pass_is_a_500_inference_error_that_names_no_internals(
     # gRPC maps the same failure to the same error (then to INTERNAL with its message).
     from kserve.errors import InferenceError
 
-    from predictor.serving.grpc_server import as_api_error
+    from predictor.serving.error_handlers import as_api_error
 
-    error = as_api_error(InferenceError(FORWARD_FAILED))
+    error = as_api_error(InferenceError(FORWARD_FAILED), "test")
     assert (error.status, error.code, error.message) == (500, "inference_error", FORWARD_FAILED)
     model.batcher.forward = working
     assert call(app, "POST", "/classify/image", files={"file": (name, data, "image/jpeg")}).status_code == 200

@@ -1,4 +1,5 @@
-"""The error format for every failure on the app, ours and KServe's: {"error": {"code", "message"}}."""
+"""Every failure, ours and KServe's, as the error a client gets: `as_api_error` maps an exception once, for
+HTTP (the app's handlers: {"error": {"code", "message"}}) and for gRPC (its status code)."""
 
 import logging
 
@@ -7,15 +8,20 @@ from fastapi.exceptions import RequestValidationError
 from kserve import errors as kserve_errors
 from starlette.exceptions import HTTPException
 
-from predictor.serving.errors import ApiError, error_response
+from predictor.serving.errors import (
+    ApiError,
+    DeadlineExceeded,
+    InferenceFailed,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    Unavailable,
+    error_response,
+)
 
 log = logging.getLogger("predictor")
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
           415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
-
-
-async def _api_error(_: Request, exc: ApiError):
-    return exc.response()
 
 
 async def _http_error(_: Request, exc: HTTPException):
@@ -27,44 +33,43 @@ async def _validation_error(_: Request, exc: RequestValidationError):
     return error_response(422, "invalid_request", problems or "The request does not match the API.")
 
 
-async def _kserve_invalid_input(_: Request, exc: Exception):
-    return error_response(400, "invalid_request", str(exc))
+def as_api_error(exc: Exception, where: str) -> ApiError:
+    """Whatever a request raised, as the error its client gets, over HTTP and gRPC alike; an unexpected
+    one is a bug: logged with `where` and its traceback, the client learns nothing of the internals."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return DeadlineExceeded()
+    if isinstance(exc, kserve_errors.InvalidInput):
+        return InvalidRequest("invalid_request", str(exc))
+    if isinstance(exc, kserve_errors.ModelNotFound):
+        return NotFound("model_not_found", str(exc))
+    if isinstance(exc, (kserve_errors.ModelNotReady, kserve_errors.ServerNotReady, kserve_errors.ServerNotLive)):
+        return Unavailable("model_not_ready", str(exc))
+    if isinstance(exc, kserve_errors.InferenceError):
+        return InferenceFailed("inference_error", str(exc))
+    if isinstance(exc, NotImplementedError):
+        # KServe raises it for what this single, unversioned model does not offer (model versions):
+        # the client asked for something that is not here.
+        return NotFound("not_supported", str(exc) or "Not supported by this predictor.")
+    log.error("%s: unexpected %s", where, type(exc).__name__, exc_info=exc)
+    return InternalError("internal_error", "Internal server error.")
 
 
-async def _kserve_model_not_found(_: Request, exc: Exception):
-    return error_response(404, "model_not_found", str(exc))
-
-
-async def _kserve_model_not_ready(_: Request, exc: Exception):
-    return error_response(503, "model_not_ready", str(exc))
-
-
-async def _kserve_inference_error(_: Request, exc: Exception):
-    return error_response(500, "inference_error", str(exc))
-
-
-async def _not_supported(_: Request, exc: Exception):
-    # KServe raises NotImplementedError for features this single, unversioned model does not offer
-    # (model versions): the client asked for something that is not here.
-    return error_response(404, "not_supported", str(exc) or "Not supported by this predictor.")
-
-
-async def _internal_error(request: Request, exc: Exception):
-    # A bug, not the client's doing: the details go to the log; the client learns nothing of the internals.
-    log.error("%s %s: unexpected %s", request.method, request.url.path, type(exc).__name__, exc_info=exc)
-    return error_response(500, "internal_error", "Internal server error.")
+async def _mapped(request: Request, exc: Exception):
+    return as_api_error(exc, f"{request.method} {request.url.path}").response()
 
 
 _HANDLERS = {
-    ApiError: _api_error,
+    ApiError: _mapped,
     HTTPException: _http_error,
     RequestValidationError: _validation_error,
-    kserve_errors.InvalidInput: _kserve_invalid_input,
-    kserve_errors.ModelNotFound: _kserve_model_not_found,
-    kserve_errors.ModelNotReady: _kserve_model_not_ready,
-    kserve_errors.InferenceError: _kserve_inference_error,
-    NotImplementedError: _not_supported,
-    Exception: _internal_error,
+    kserve_errors.InvalidInput: _mapped,
+    kserve_errors.ModelNotFound: _mapped,
+    kserve_errors.ModelNotReady: _mapped,
+    kserve_errors.InferenceError: _mapped,
+    NotImplementedError: _mapped,
+    Exception: _mapped,
 }
 
 

@@ -1,5 +1,6 @@
-"""The error types every request path raises (one per kind of failure, each with its HTTP status), rendered as {"error": {"code", "message"}}; on the
-Open Inference Protocol's routes (/v2/...) as the protocol's {"error": "<message>"}, the code beside it."""
+"""The error types every request path raises (one per kind of failure, each with its HTTP status),
+rendered as {"error": {"code", "message"}}; on the Open Inference Protocol's routes (/v2/...) as the
+protocol's {"error": "<message>"}, the code beside it."""
 
 from contextvars import ContextVar
 
@@ -81,7 +82,7 @@ class InferenceFailed(ApiError):
     status = 500
 
 
-class NotImplementedHere(ApiError):
+class Unimplemented(ApiError):
     """A protocol operation this predictor refuses (the model repository API)."""
     status = 501
 
@@ -92,8 +93,12 @@ class Unavailable(ApiError):
 
 
 class DeadlineExceeded(ApiError):
-    """The call did not complete within its deadline."""
+    """The call did not complete within its deadline (`timeout_s`, when the caller knows it)."""
     status = 504
+
+    def __init__(self, timeout_s: float | None = None):
+        within = "its deadline" if timeout_s is None else f"{timeout_s:g} s"
+        super().__init__("deadline_exceeded", f"The request did not complete within {within}.")
 
 
 class Overloaded(Unavailable):

@@ -22,22 +22,17 @@ from concurrent import futures
 
 import grpc
 from grpc import aio
-from kserve import errors as kserve_errors
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc import server as kserve_grpc
 from kserve.protocol.grpc.servicer import InferenceServicer
 
 from predictor.serving import metrics
+from predictor.serving.error_handlers import as_api_error
 from predictor.serving.errors import (
-    ApiError,
     DeadlineExceeded,
-    InferenceFailed,
-    InternalError,
-    InvalidRequest,
     NotFound,
-    NotImplementedHere,
-    Unavailable,
+    Unimplemented,
 )
 from predictor.serving.guard import Gates
 from predictor.serving.payloads import SERVER_EXTENSIONS
@@ -59,26 +54,6 @@ _NOT_METADATA = {"connection"}
 def status_code(http_status: int) -> grpc.StatusCode:
     """The gRPC code of an HTTP status (another 4xx: INVALID_ARGUMENT; another 5xx: INTERNAL)."""
     return _STATUS_CODES.get(http_status, grpc.StatusCode.INVALID_ARGUMENT if http_status < 500 else grpc.StatusCode.INTERNAL)
-
-
-def as_api_error(exc: Exception) -> ApiError:
-    """The HTTP API's error for whatever a handler raised (predictor.serving.error_handlers does the same over HTTP)."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, TimeoutError):
-        return DeadlineExceeded("deadline_exceeded", "The request did not complete within its deadline.")
-    if isinstance(exc, kserve_errors.InvalidInput):
-        return InvalidRequest("invalid_request", exc.reason)
-    if isinstance(exc, kserve_errors.ModelNotFound):
-        return NotFound("model_not_found", exc.reason)
-    if isinstance(exc, (kserve_errors.ModelNotReady, kserve_errors.ServerNotReady, kserve_errors.ServerNotLive)):
-        return Unavailable("model_not_ready", exc.reason)
-    if isinstance(exc, NotImplementedError):
-        return NotFound("not_supported", str(exc) or "Not supported by this predictor.")
-    if isinstance(exc, kserve_errors.InferenceError):
-        return InferenceFailed("inference_error", exc.reason)
-    log.error("gRPC: unexpected %s", type(exc).__name__, exc_info=exc)
-    return InternalError("internal_error", "Internal server error.")
 
 
 def _metadata(headers: dict | None, extra: list[tuple[bytes, bytes]] = ()) -> tuple[tuple[str, str], ...]:
@@ -123,7 +98,7 @@ class GateInterceptor(aio.ServerInterceptor):
                 status = 504 if remaining is not None and remaining < 0.05 else 499
                 raise
             except Exception as exc:  # noqa: BLE001: every failure becomes a status code, never a stack trace
-                error = as_api_error(exc)
+                error = as_api_error(exc, "gRPC")
                 status = error.status
             finally:
                 if admit:
@@ -152,7 +127,7 @@ class GateInterceptor(aio.ServerInterceptor):
                 async with asyncio.timeout(timeout_s):
                     response = await behavior(request, context)
             except TimeoutError:
-                raise DeadlineExceeded("deadline_exceeded", f"The request did not complete within {timeout_s:g} s.") from None
+                raise DeadlineExceeded(timeout_s) from None
         context.set_trailing_metadata(_metadata(None, extra))
         return response
 
@@ -165,10 +140,10 @@ class GuardedServicer(InferenceServicer):
         self.gates = gates
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context):
-        raise NotImplementedHere("not_supported", REPOSITORY_REFUSED)
+        raise Unimplemented("not_supported", REPOSITORY_REFUSED)
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context):
-        raise NotImplementedHere("not_supported", REPOSITORY_REFUSED)
+        raise Unimplemented("not_supported", REPOSITORY_REFUSED)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context):
         """The proto's fields only (KServe's would pass the REST metadata's `parameters`, which the proto lacks)."""

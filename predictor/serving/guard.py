@@ -24,6 +24,7 @@ from predictor.serving.drain import Drain
 from predictor.serving.errors import (
     OIP_ERRORS,
     ApiError,
+    DeadlineExceeded,
     InvalidRequest,
     Overloaded,
     PayloadTooLarge,
@@ -239,8 +240,7 @@ class RequestGuard:
             except TimeoutError:
                 if status["started"]:
                     raise
-                await error_response(504, "deadline_exceeded", f"The request did not complete within {timeout_s:g} s.")(
-                    scope, receive, send)
+                await DeadlineExceeded(timeout_s).response()(scope, receive, send)
             except ApiError as exc:
                 if status["started"]:
                     raise
