@@ -10,7 +10,7 @@ server in turn, so drift of the machine hits all alike:
   and the server gain from what quantization gains);
 - seed-style baseline: one fp32 forward per request in FastAPI's thread pool, torch's default threads,
   and the same with one intra-op thread per request thread (no oversubscription of the cores);
-- plain ONNX Runtime server: what a user could write instead on the same engine (bench/plain_onnx_server.py:
+- plain ONNX Runtime server: what a user could write instead on the same engine (bench/peers/plain_onnx_server.py:
   Starlette, one int8 ONNX Runtime call per request, the predictor's decoding and answer, no gates).
 Each server's idle RSS is read once it is ready.
 Then the model alone, per engine and precision, at batch 1 and at the served batch size. Writes
@@ -148,7 +148,7 @@ def main() -> None:
                      f"http://127.0.0.1:{port}/health")
 
     def plain_onnx(port: int) -> tuple[subprocess.Popen, float]:
-        return start([sys.executable, "bench/plain_onnx_server.py", "--port", str(port)], f"http://127.0.0.1:{port}/health")
+        return start([sys.executable, "bench/peers/plain_onnx_server.py", "--port", str(port)], f"http://127.0.0.1:{port}/health")
 
     caches = tempfile.mkdtemp(prefix="bench-caches-")  # a new pod on a new node: nothing cached
     launch = {

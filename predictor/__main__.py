@@ -55,7 +55,8 @@ def main() -> None:
     else:
         install(model_server.app, model)
     # KServe hands grace_period to uvicorn as its graceful-shutdown timeout: the drain window.
-    model_server.ModelServer(grace_period=settings.drain_timeout_s).start([model])
+    model_server.ModelServer(grace_period=settings.drain_timeout_s,
+                             enable_latency_logging=args.enable_latency_logging).start([model])
 
 
 if __name__ == "__main__":

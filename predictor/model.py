@@ -23,7 +23,7 @@ from predictor.serving import metrics, payloads
 from predictor.serving.batcher import DynamicBatcher
 from predictor.serving.drain import Drain
 from predictor.serving.errors import ApiError
-from predictor.serving.imaging import decode_image
+from predictor.serving.imaging import INLINE_MAX_BYTES, decode_image, is_cheap, open_image, pixels_of
 from predictor.serving.protocols import ClassifyRequest, Prepared, Slots, adapter_for
 from predictor.weights import WeightsError, calibration_images, network_from_file, network_from_state, verified_weights
 
@@ -80,7 +80,8 @@ class Cifar10Classifier(kserve.Model):
                                    threads=threads, compile=self.settings.compile,
                                    calibration=self._calibration_images())
         self.batcher = DynamicBatcher(self.runner.logits, self.settings.max_batch_size, self.settings.max_batch_delay_ms,
-                                     self.settings.max_queue_images, self.drain.calls_in_flight)
+                                     self.settings.max_queue_images, self.drain.calls_in_flight,
+                                     inline_lone_calls=self.runner.device_type == "cpu")
         self.runner.logits(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))  # proves the pass; raises if broken
         self.forward_ok = True
         # Compilation leaves millions of long-lived objects behind; a full garbage collection walking
@@ -168,8 +169,9 @@ class Cifar10Classifier(kserve.Model):
 
     async def _decode_all(self, files: list[bytes | ApiError], keep_errors: bool,
                           pool: concurrent.futures.ThreadPoolExecutor | None = None) -> Slots:
-        """Decode files concurrently off the loop (in `pool`, else the interactive decode threads); a bad
-        file is kept as its error or raised at once."""
+        """Decode files concurrently off the loop (in `pool`, else the interactive decode threads, or at
+        once on the loop when the image is small); a bad file is kept as its error or raised at once."""
+        inline_small = pool is None  # a job's images all go to its own lane, however small
         if pool is None:
             if self._decoder is None:
                 self._decoder = concurrent.futures.ThreadPoolExecutor(self.settings.decode_threads,
@@ -181,12 +183,17 @@ class Cifar10Classifier(kserve.Model):
             if isinstance(item, ApiError):
                 return item
             try:
-                return await loop.run_in_executor(pool, decode_image, item, self.settings.max_image_side)
+                if not inline_small or len(item) > INLINE_MAX_BYTES:
+                    return await loop.run_in_executor(pool, decode_image, item, self.settings.max_image_side)
+                image = open_image(item, self.settings.max_image_side)
+                return pixels_of(image) if is_cheap(image) else await loop.run_in_executor(pool, pixels_of, image)
             except ApiError as exc:
                 if not keep_errors:
                     raise
                 return exc
 
+        if len(files) == 1:  # the common call: no task for gather to make
+            return [await one(files[0])]
         return list(await asyncio.gather(*(one(f) for f in files)))
 
     @property

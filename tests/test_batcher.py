@@ -42,10 +42,12 @@ class StubForward:
         return [value for batch in self.batches for value in batch]
 
 
-def wired(forward: StubForward, max_batch_size: int, max_delay_ms: float) -> tuple[DynamicBatcher, Drain]:
+def wired(forward: StubForward, max_batch_size: int, max_delay_ms: float,
+          inline_lone_calls: bool = False) -> tuple[DynamicBatcher, Drain]:
     """A batcher that knows how many calls are admitted, as the model builds it."""
     drain = Drain()
-    return DynamicBatcher(forward, max_batch_size, max_delay_ms, in_flight=drain.calls_in_flight), drain
+    return DynamicBatcher(forward, max_batch_size, max_delay_ms, in_flight=drain.calls_in_flight,
+                          inline_lone_calls=inline_lone_calls), drain
 
 
 @contextlib.asynccontextmanager
@@ -97,6 +99,26 @@ def test_lone_request_does_not_wait_for_company():
         return time.perf_counter() - started
 
     assert asyncio.run(main()) < LONG_DELAY_MS / 1000 / 2
+
+
+def test_lone_single_image_is_computed_on_the_event_loop_and_company_on_the_forward_thread():
+    """With a CPU engine, a lone call's image skips the hand-off to the forward thread; as soon as
+    another call is admitted (or the call carries several images) the pass goes to that thread, so
+    the loop keeps parsing and decoding while it computes."""
+    forward = StubForward(delay=0.01)
+    batcher, drain = wired(forward, max_batch_size=32, max_delay_ms=5, inline_lone_calls=True)
+
+    async def main():
+        await call(batcher, drain, image(1))
+        lone = set(forward.threads)
+        forward.threads.clear()
+        await asyncio.gather(*(call(batcher, drain, image(i)) for i in range(2, 6)))
+        await call(batcher, drain, image(6, count=2))
+        return lone, forward.threads
+
+    lone, busy = asyncio.run(main())
+    assert lone == {threading.main_thread().name}
+    assert busy and all(name.startswith("forward") for name in busy)
 
 
 def test_batch_waits_for_an_admitted_call_still_on_its_way():

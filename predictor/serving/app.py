@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from predictor.model import Cifar10Classifier
-from predictor.serving import metrics, openapi
+from predictor.serving import kserve_compat, metrics, openapi
 from predictor.serving.demo import build_ui_router
 from predictor.serving.error_handlers import install_error_handlers
 from predictor.serving.explain import build_explain_router
@@ -49,9 +49,10 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        # KServe registers its own handlers (plain-string errors) just before the server starts; put
-        # ours back on top and have Starlette rebuild its middleware stack with them.
+        # KServe registers its own handlers (plain-string errors) and middleware just before the server
+        # starts; put ours back on top, take its timing log off, and have Starlette rebuild the stack.
         install_error_handlers(app)
+        kserve_compat.without_timing_log(app)
         app.middleware_stack = None
         # The server's own SIGTERM handler is in place by now; it runs once the admitted calls are done.
         drain.chain_signal_handler(timeout_s=settings.drain_timeout_s)

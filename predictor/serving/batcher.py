@@ -2,8 +2,11 @@
 
 Callers `await submit(images)`; one worker task drains the queue into batches of at most
 `max_batch_size` images, waiting at most `max_delay` for company once the first request is in, and
-runs each batch in a single dedicated thread so the event loop never blocks. While a batch runs, the
-next one fills up, so under load batches grow on their own and a lone request is not held back.
+runs each batch in a single dedicated thread so the event loop is free meanwhile. While a batch runs,
+the next one fills up, so under load batches grow on their own and a lone request is not held back.
+A lone call's single image is computed on the event loop itself when the engine allows
+(`inline_lone_calls`): with no one else admitted, there is nothing for the loop to do meanwhile, and
+the hand-off to the forward thread and back was a third of the server's own time per call.
 
 Two lanes: interactive calls, and background work (async batch jobs, `submit(..., background=True)`).
 A batch takes every interactive request that fits first and fills only the space left with
@@ -42,8 +45,10 @@ class DynamicBatcher:
     """Stacks concurrent requests into batches for `forward` ([N,32,32,3] uint8 -> [N,10])."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_ms: float,
-                 max_queue_images: int = 256, in_flight: Callable[[], int] | None = None):
+                 max_queue_images: int = 256, in_flight: Callable[[], int] | None = None,
+                 inline_lone_calls: bool = False):
         self.forward = forward
+        self.inline_lone_calls = inline_lone_calls  # the engine is thread-safe and frees the GIL (CPU engines)
         self.in_flight = in_flight  # calls admitted upstream (None: unknown, so always wait the delay)
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
@@ -143,6 +148,11 @@ class DynamicBatcher:
         delay worth waiting. A lone call (c=1) is run at once instead of waiting for company."""
         return self.in_flight is None or self.in_flight() > len(self._pending)
 
+    def _alone(self, images: np.ndarray) -> bool:
+        """One image, and no other call admitted or queued: computing it on the loop delays no one."""
+        return (self.inline_lone_calls and len(images) == 1 and self.in_flight is not None and self.in_flight() <= 1
+                and not self._pending and not self._background)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -152,7 +162,10 @@ class DynamicBatcher:
             images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
             metrics.BATCH_SIZE.observe(len(images))
             try:
-                logits = await loop.run_in_executor(self._thread, self.forward, images)
+                if self._alone(images):
+                    logits = self.forward(images)
+                else:
+                    logits = await loop.run_in_executor(self._thread, self.forward, images)
             except Exception as exc:  # a failed pass fails only the requests in it
                 metrics.FORWARD_FAILURES.inc()
                 log.error("forward pass of %d images failed", len(images), exc_info=exc)
@@ -172,7 +185,8 @@ class DynamicBatcher:
     def __getstate__(self) -> dict:
         # Only the settings travel to worker processes; queue, task and thread are made there.
         return {"forward": self.forward, "max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay * 1000,
-                "max_queue_images": self.max_queue_images, "in_flight": self.in_flight}
+                "max_queue_images": self.max_queue_images, "in_flight": self.in_flight,
+                "inline_lone_calls": self.inline_lone_calls}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

@@ -4,6 +4,7 @@ Every rule a client can break is checked here, before any pixel is decoded where
 format by magic bytes (415), empty/corrupt/truncated data (400), oversized dimensions (413).
 """
 
+import contextlib
 import io
 import re
 import warnings
@@ -34,31 +35,20 @@ def sniff_format(data: bytes) -> str:
     raise UnsupportedMediaType("unsupported_media_type", "Only JPEG and PNG images are accepted (decided by the file's content).")
 
 
-def decode_image(data: bytes, max_side: int = DEFAULT_MAX_PIXELS_PER_SIDE) -> np.ndarray:
-    """Image file bytes -> uint8 array [32, 32, 3].
+# An image this small decodes in tens of microseconds, less than handing it to a decode thread and
+# waking the event loop when it is done costs; only the header is read to find out (Image.open), and
+# only of a file small enough that reading its header is cheap whatever its markers are.
+INLINE_MAX_BYTES = 8 * 1024
+INLINE_MAX_PIXELS = 64 * 64
 
-    EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become RGB; alpha is
-    composited on white; non-square images are centre-cropped to a square, then resized with
-    bilinear (antialiased) resampling.
-    """
-    expected = sniff_format(data)
+
+@contextlib.contextmanager
+def _refusals(expected: str):
+    """PIL's many exceptions for bad data, as the client's error (400, or 413 for a bomb)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[expected])
-            width, height = image.size
-            if width < 1 or height < 1:
-                raise InvalidRequest("invalid_image", "The image has no pixels.")
-            if width > max_side or height > max_side:
-                raise PayloadTooLarge(
-                    "image_too_large",
-                    f"Image dimensions {width}x{height} exceed the limit of {max_side}x{max_side}.",
-                )
-            if expected == "JPEG":
-                # Let libjpeg decode at a reduced scale: big photos decode several times faster.
-                image.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
-            image.load()
-            image = _to_rgb(ImageOps.exif_transpose(image))
+            yield
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -66,7 +56,49 @@ def decode_image(data: bytes, max_side: int = DEFAULT_MAX_PIXELS_PER_SIDE) -> np
     except Exception as exc:  # PIL raises many types for corrupt data; all mean "bad image".
         reason = _OBJECT_REPR.sub("", str(exc)).strip()
         raise InvalidRequest("invalid_image", f"The {expected} data is corrupt or truncated: {reason}") from None
+
+
+def open_image(data: bytes, max_side: int = DEFAULT_MAX_PIXELS_PER_SIDE) -> Image.Image:
+    """The image's header read and its dimensions checked; no pixel decoded yet."""
+    expected = sniff_format(data)
+    with _refusals(expected):
+        image = Image.open(io.BytesIO(data), formats=[expected])
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise InvalidRequest("invalid_image", "The image has no pixels.")
+        if width > max_side or height > max_side:
+            raise PayloadTooLarge(
+                "image_too_large",
+                f"Image dimensions {width}x{height} exceed the limit of {max_side}x{max_side}.",
+            )
+    return image
+
+
+def pixels_of(image: Image.Image) -> np.ndarray:
+    """An opened image (open_image) -> uint8 array [32, 32, 3].
+
+    EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become RGB; alpha is
+    composited on white; non-square images are centre-cropped to a square, then resized with
+    bilinear (antialiased) resampling.
+    """
+    with _refusals(image.format):
+        if image.format == "JPEG":
+            # Let libjpeg decode at a reduced scale: big photos decode several times faster.
+            image.draft("RGB", (IMAGE_SIZE * 2, IMAGE_SIZE * 2))
+        image.load()
+        image = _to_rgb(ImageOps.exif_transpose(image))
     return np.asarray(_square_resize(image), dtype=np.uint8)
+
+
+def decode_image(data: bytes, max_side: int = DEFAULT_MAX_PIXELS_PER_SIDE) -> np.ndarray:
+    """Image file bytes -> uint8 array [32, 32, 3] (open_image, then pixels_of)."""
+    return pixels_of(open_image(data, max_side))
+
+
+def is_cheap(image: Image.Image) -> bool:
+    """Whether decoding `image` costs less than a hand-off to another thread."""
+    width, height = image.size
+    return width * height <= INLINE_MAX_PIXELS
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
