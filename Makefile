@@ -7,7 +7,7 @@ PORT ?= 8080
 DATA ?= ../shared/data/cifar10-train-jpeg.tar.gz
 DATA_DIR ?= .cache/cifar10
 
-.PHONY: install run test test-fast browser redis-server train train-gpu evaluate data bench soak
+.PHONY: install run test test-fast browser redis-server train train-gpu evaluate data bench bench-peers soak
 
 include deploy.mk
 include image.mk
@@ -64,11 +64,24 @@ train-gpu: install data
 evaluate: install data
 	$(PY) -m predictor.training.evaluate --data $(DATA_DIR)/train
 
-# Throughput/latency of the predictor vs the seed-style baseline and the model alone, then the
-# workers x threads table the chart's defaults come from (run on a quiet machine).
-bench: install
+# Throughput/latency of the predictor vs its peers (bench/peers/), the seed-style baseline and the
+# model alone, and past saturation; then the workers x threads table the chart's defaults come
+# from (run on a quiet machine).
+bench: install bench-peers
 	$(PY) bench/run.py
 	$(PY) bench/scaling.py
+
+# The servers a user would pick instead, each in a virtual environment of its own (pinned in
+# bench/peers/requirements-*.txt; remade when those change).
+PEERS := mlserver bentoml ray
+PEER_VENVS := .cache/bench-peers
+bench-peers: $(foreach p,$(PEERS),$(PEER_VENVS)/$(p)/.installed)
+
+$(PEER_VENVS)/%/.installed: bench/peers/requirements-%.txt
+	$(PYTHON) -m venv $(PEER_VENVS)/$*
+	$(PEER_VENVS)/$*/bin/python -m pip install --quiet --upgrade pip
+	$(PEER_VENVS)/$*/bin/python -m pip install --quiet -r $<
+	touch $@
 
 # 10 minutes at 80 % of saturation: RSS growth and error count (not in CI).
 soak: install

@@ -1,7 +1,9 @@
-"""Closed-loop HTTP load: C concurrent clients upload real CIFAR-10 JPEGs for a fixed time.
+"""HTTP load with real CIFAR-10 JPEGs: closed loop (C concurrent clients for a fixed time) and open loop
+(requests started at a fixed rate whatever the answers do).
 
-Each client posts multipart `file` uploads (or raw image bodies) back to back over a keep-alive connection; throughput
-and latencies count the successful (200) requests, and 503s (load shedding) are counted apart.
+Closed loop: each client posts multipart `file` uploads (or raw image bodies) back to back over a keep-alive
+connection; throughput and latencies count the successful (200) requests, and 503s (load shedding) are
+counted apart, with their own latency (a refusal must be fast to be worth anything).
 The generator reports its own CPU time so it can be shown not to be the bottleneck.
 """
 
@@ -10,6 +12,7 @@ import itertools
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -22,6 +25,7 @@ class LoadResult:
     requests: int
     errors: int  # anything but 200 or 503, and transport failures (timeouts included)
     shed: int  # 503 answers: refused at once by a full queue (load shedding), not lost
+    shed_p99_ms: float  # how long a refusal took (p99; nan without refusals)
     throughput: float
     p50_ms: float
     p95_ms: float
@@ -38,15 +42,16 @@ def _cpu_seconds() -> float:
 class Samples:
     """What one load generator saw: latencies (s) of the 200s, the other outcomes, its CPU and wall time."""
     latencies: list[float]
+    refusals: list[float]  # latencies (s) of the 503s
     errors: int
-    shed: int
     cpu_seconds: float
     wall_seconds: float
 
 
 async def _collect(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float, raw: bool) -> Samples:
     latencies: list[float] = []
-    errors = shed = 0
+    refusals: list[float] = []
+    errors = 0
     counter = itertools.count()
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -56,7 +61,7 @@ async def _collect(url: str, images: list[bytes], concurrency: int, seconds: flo
         stop_at = measure_from + seconds
 
         async def client() -> None:
-            nonlocal errors, shed
+            nonlocal errors
             while (now := time.perf_counter()) < stop_at:
                 image = images[next(counter) % len(images)]
                 if raw:  # the image as the whole body (KServe v1 :predict / :explain)
@@ -72,29 +77,30 @@ async def _collect(url: str, images: list[bytes], concurrency: int, seconds: flo
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     status = 0
                 if now >= measure_from:
-                    if status == 200:
-                        latencies.append(time.perf_counter() - now)
-                    shed += status == 503
+                    if status in (200, 503):
+                        (latencies if status == 200 else refusals).append(time.perf_counter() - now)
                     errors += status not in (200, 503)
 
         cpu_before = _cpu_seconds()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - started
         cpu = _cpu_seconds() - cpu_before
-    return Samples(latencies, errors, shed, cpu, wall)
+    return Samples(latencies, refusals, errors, cpu, wall)
+
+
+def percentile(values_ms: np.ndarray, q: float) -> float:
+    return round(float(np.percentile(values_ms, q)), 1) if len(values_ms) else float("nan")
 
 
 def summarize(parts: list[Samples], concurrency: int, seconds: float) -> LoadResult:
     """One result from one or more load generators that ran side by side."""
     values = np.array([x for part in parts for x in part.latencies]) * 1000
-
-    def percentile(q: float) -> float:
-        return round(float(np.percentile(values, q)), 1) if len(values) else float("nan")
+    refusals = np.array([x for part in parts for x in part.refusals]) * 1000
 
     return LoadResult(
         concurrency=concurrency, seconds=seconds, requests=len(values), errors=sum(p.errors for p in parts),
-        shed=sum(p.shed for p in parts), throughput=round(len(values) / seconds, 1),
-        p50_ms=percentile(50), p95_ms=percentile(95), p99_ms=percentile(99),
+        shed=len(refusals), shed_p99_ms=percentile(refusals, 99), throughput=round(len(values) / seconds, 1),
+        p50_ms=percentile(values, 50), p95_ms=percentile(values, 95), p99_ms=percentile(values, 99),
         client_cpu_share=round(sum(p.cpu_seconds / p.wall_seconds for p in parts), 2),
     )
 
@@ -109,3 +115,59 @@ def run_load(url: str, images: list[bytes], concurrency: int, seconds: float, wa
              raw: bool = False) -> LoadResult:
     """Multipart `file` uploads, or with `raw` each image as the whole request body."""
     return summarize([collect(url, images, concurrency, seconds, warmup, raw)], concurrency, seconds)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def open_loop(url: str, images: list[bytes], rate: float, seconds: float, pid: int | None = None) -> dict:
+    """Requests started at `rate` per second whatever the answers do; the server's RSS (`pid`) sampled every 10 s.
+    Latencies run from each request's start; the 200s' and the 503s' (refusals) are reported apart."""
+    statuses: dict[str, int] = {}
+    latencies: list[float] = []
+    refusals: list[float] = []
+    rss: list[tuple[float, float]] = []
+    counter = itertools.count()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),
+                                     connector=aiohttp.TCPConnector(limit=2048)) as session:
+        async def one() -> None:
+            form = aiohttp.FormData()
+            form.add_field("file", images[next(counter) % len(images)], filename="image.jpg", content_type="image/jpeg")
+            started = time.perf_counter()
+            try:
+                async with session.post(url, data=form) as response:
+                    await response.read()
+                    key = str(response.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                key = type(exc).__name__
+            statuses[key] = statuses.get(key, 0) + 1
+            if key in ("200", "503"):
+                (latencies if key == "200" else refusals).append(time.perf_counter() - started)
+
+        begin, cpu_before = time.perf_counter(), _cpu_seconds()
+        tasks, next_sample = [], begin
+        for i in itertools.count():
+            due = begin + i / rate
+            if due - begin >= seconds:
+                break
+            if pid is not None and time.perf_counter() >= next_sample:
+                rss.append((round(time.perf_counter() - begin, 1), round(rss_mib(pid), 1)))
+                next_sample += 10
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        client_cpu_share = round((_cpu_seconds() - cpu_before) / (time.perf_counter() - begin), 2)
+        if pid is not None:
+            rss.append((round(time.perf_counter() - begin, 1), round(rss_mib(pid), 1)))
+    values, refused = np.array(latencies) * 1000, np.array(refusals) * 1000
+    report = {"rate": round(rate, 1), "seconds": seconds, "statuses": statuses,
+              "goodput_rps": round(len(values) / seconds, 1), "p50_ms": percentile(values, 50),
+              "p99_ms": percentile(values, 99), "refusal_p99_ms": percentile(refused, 99),
+              "client_cpu_share": client_cpu_share}
+    if pid is not None:
+        report.update(rss_mib_samples=rss, rss_growth_mib=round(rss[-1][1] - rss[0][1], 1))
+    return report

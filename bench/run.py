@@ -1,23 +1,29 @@
-"""`make bench`: the predictor vs the seed-style baseline, and the model alone, in one run.
+"""`make bench`: the predictor vs the servers a user would pick instead, the seed-style baseline, and the
+model alone, in one run.
 
     python bench/run.py --seconds 15 --concurrency 1 8 32 64 256
 
-All servers run at once (an idle one costs nothing); each concurrency level is measured on each
-server in turn, so drift of the machine hits all alike:
+The servers run at once (an idle one costs nothing) and each concurrency level is measured on each
+server in turn, so drift of the machine hits all alike; Ray Serve alone comes after them, since its
+local cluster is not idle when idle:
 - predictor: the defaults (on a CPU: ONNX Runtime int8) but rate limit and result cache off, started
   with empty compile caches;
 - predictor, torch fp32 eager: the same server with the seed's arithmetic (separates what batching
   and the server gain from what quantization gains);
 - seed-style baseline: one fp32 forward per request in FastAPI's thread pool, torch's default threads,
   and the same with one intra-op thread per request thread (no oversubscription of the cores);
-- plain ONNX Runtime server: what a user could write instead on the same engine (bench/peers/plain_onnx_server.py:
-  Starlette, one int8 ONNX Runtime call per request, the predictor's decoding and answer, no gates).
-Each server's idle RSS is read once it is ready.
+- the peers (bench/peers/): what a user could run instead on the same engine, decoding and answer, no gates:
+  a plain Starlette server with one int8 ONNX Runtime call per request, MLServer's adaptive batching,
+  BentoML's adaptive batching, Ray Serve's @serve.batch (each in its own environment, `make bench-peers`).
+Each server's idle RSS (its process tree's) is read once it is ready. Then the predictor past saturation:
+1,024 closed-loop clients and an open-loop offered rate of 4x its best rate of the sweep.
 Then the model alone, per engine and precision, at batch 1 and at the served batch size. Writes
 bench/results/bench.json and bench/results/bench.png and prints Markdown tables.
 """
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -30,12 +36,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import run_load  # noqa: E402
+from bench.loadgen import open_loop, run_load  # noqa: E402
+from bench.peers import PEERS  # noqa: E402
 from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path  # noqa: E402
 from predictor.engines.selection import usable_cores  # noqa: E402
 from predictor.engines.torch_engine import InferenceEngine  # noqa: E402
@@ -52,10 +60,11 @@ def predictor_command(port: int, *flags: str) -> list[str]:
 
 def start(command: list[str], health_url: str, env: dict | None = None,
           deadline_s: float = 900) -> tuple[subprocess.Popen, float]:
-    """(process, seconds from exec to /health 200); torch compilation at load takes minutes on 2 cores."""
+    """(process, seconds from exec to /health 200); torch compilation at load takes minutes on 2 cores.
+    `env` replaces the environment when it carries PATH, else it is added to this one."""
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, **(env or {})})
+    environment = env if env and "PATH" in env else {**os.environ, **(env or {})}
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
     deadline = started + deadline_s
     while time.monotonic() < deadline:
         try:
@@ -66,8 +75,33 @@ def start(command: list[str], health_url: str, env: dict | None = None,
         if process.poll() is not None:
             raise SystemExit(f"{command} exited with {process.returncode}")
         time.sleep(0.5)
-    process.kill()
+    stop(process)
     raise SystemExit(f"{command} not ready")
+
+
+def tree_rss_mb(pid: int) -> int:
+    """Resident memory of a server: the process and every process it started (workers, a local Ray
+    cluster), summed; pages they share are counted in each."""
+    root = psutil.Process(pid)
+    return round(sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server, then to whatever it started that is left; SIGKILL after 30 s."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    for child in psutil.wait_procs(children, timeout=30)[1]:
+        child.kill()
 
 
 def model_only(spec: str, batch: int, seconds: float, device: str = "cpu") -> dict:
@@ -93,6 +127,24 @@ def model_only(spec: str, batch: int, seconds: float, device: str = "cpu") -> di
         elapsed = time.perf_counter() - started
         row[key] = round(elapsed / done * 1000, 2) if size == 1 else round(done * size / elapsed, 1)
     return row
+
+
+def overload(server: tuple[subprocess.Popen, str], sweep: list[dict], images: list[bytes], seconds: float) -> dict:
+    """The predictor past saturation (its best closed-loop rate in this run): 1,024 closed-loop clients,
+    then an open-loop offered rate of 4x saturation. Goodput, the refusals' own latency, and
+    anything that was neither answered nor refused (errors: lost)."""
+    process, url = server
+    saturation = max(r["throughput"] for r in sweep)
+    closed = asdict(run_load(url, images, 1024, seconds))
+    opened = asyncio.run(open_loop(url, images, 4 * saturation, seconds, process.pid))
+    report = {"saturation_rps": saturation, "closed_loop_c1024": closed, "open_loop_4x": opened}
+    print(f"overload: saturation {saturation} req/s; c=1024 closed loop {closed['throughput']} req/s "
+          f"({closed['throughput'] / saturation:.0%}), p99 {closed['p99_ms']} ms, {closed['shed']} refused "
+          f"(p99 {closed['shed_p99_ms']} ms), {closed['errors']} errors, load generator {closed['client_cpu_share']} core; "
+          f"open loop at {opened['rate']} req/s: goodput {opened['goodput_rps']} req/s "
+          f"({opened['goodput_rps'] / saturation:.0%}), statuses {opened['statuses']}, refusal p99 "
+          f"{opened['refusal_p99_ms']} ms, load generator {opened['client_cpu_share']} core", flush=True)
+    return report
 
 
 def served_engine(base_url: str) -> dict:
@@ -137,6 +189,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="device of the model-only rows (the server's: --server-args --device)")
     parser.add_argument("--batch", type=int, default=32, help="full batch of the model-only rows (the server's max_batch_size)")
     parser.add_argument("--server-args", nargs="*", default=[], help="extra predictor flags, e.g. --precision bf16")
+    parser.add_argument("--only", nargs="+", default=[], help="measure only the servers whose name contains one of these "
+                        "(the predictor always), e.g. --only plain MLServer")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
 
@@ -147,8 +201,8 @@ def main() -> None:
         return start([sys.executable, "bench/baseline_server.py", "--port", str(port), *flags],
                      f"http://127.0.0.1:{port}/health")
 
-    def plain_onnx(port: int) -> tuple[subprocess.Popen, float]:
-        return start([sys.executable, "bench/peers/plain_onnx_server.py", "--port", str(port)], f"http://127.0.0.1:{port}/health")
+    def peer(port: int, which) -> tuple[subprocess.Popen, float]:
+        return start(which.command(port), f"http://127.0.0.1:{port}{which.ready_path}", which.environment())
 
     caches = tempfile.mkdtemp(prefix="bench-caches-")  # a new pod on a new node: nothing cached
     launch = {
@@ -158,34 +212,49 @@ def main() -> None:
                                                                  "--compile", "false", *args.server_args)),
         "seed-style baseline": (18190, lambda: baseline(18190)),
         "seed-style baseline, 1 torch thread": (18191, lambda: baseline(18191, "--torch-threads", "1")),
-        "plain ONNX Runtime server": (18192, lambda: plain_onnx(18192)),
+        **{p.name: (18192 + i, lambda p=p, i=i: peer(18192 + i, p)) for i, p in enumerate(PEERS)},
     }
-    servers, start_to_ready, idle_rss_mb = {}, {}, {}
-    for name, (port, launcher) in launch.items():
-        process, start_to_ready[name] = launcher()
-        time.sleep(2)  # idle: nothing left of the start-up
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        idle_rss_mb[name] = round(int(status.split("VmRSS:")[1].split()[0]) / 1024)
-        servers[name] = (process, f"http://127.0.0.1:{port}/classify/image")
-    served = served_engine("http://127.0.0.1:18180")
+    if args.only:
+        launch = {name: how for name, how in launch.items() if name == "predictor" or any(w in name for w in args.only)}
+    # A local Ray cluster keeps ~0.1 core busy while idle: Ray Serve is measured alone, after the others.
+    alone = {p.name for p in PEERS if p.venv == "ray"}
     images = load_images(20)
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                           f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
-               "seconds_per_point": args.seconds, "predictor_serves": served,
-               "start_to_ready_seconds": start_to_ready, "idle_rss_mb": idle_rss_mb,
-               "servers": {name: [] for name in servers}}
-    try:
+               "seconds_per_point": args.seconds, "start_to_ready_seconds": {}, "idle_rss_mb": {},
+               "servers": {name: [] for name in launch}}
+
+    def launched(names) -> dict:
+        servers = {}
+        for name in names:
+            port, launcher = launch[name]
+            process, results["start_to_ready_seconds"][name] = launcher()
+            time.sleep(2)  # idle: nothing left of the start-up
+            results["idle_rss_mb"][name] = tree_rss_mb(process.pid)
+            servers[name] = (process, f"http://127.0.0.1:{port}/classify/image")
+        return servers
+
+    def sweep(servers: dict) -> None:
         for concurrency in args.concurrency:
             for name, (_, url) in servers.items():
                 result = run_load(url, images, concurrency, args.seconds)
                 results["servers"][name].append(asdict(result))
-                print(f"{name:>20} c={concurrency:<3} {result.throughput:7.1f} req/s  p50 {result.p50_ms:7.1f} ms  "
+                print(f"{name:>36} c={concurrency:<4} {result.throughput:7.1f} req/s  p50 {result.p50_ms:7.1f} ms  "
                       f"p95 {result.p95_ms:7.1f}  p99 {result.p99_ms:7.1f}  errors {result.errors}  shed {result.shed}  "
                       f"client CPU {result.client_cpu_share:.2f} core", flush=True)
-    finally:
-        for process, _ in servers.values():
-            process.terminate()
-            process.wait(30)
+
+    for block in ([n for n in launch if n not in alone], [n for n in launch if n in alone]):
+        servers = launched(block)
+        try:
+            if "predictor" in servers:
+                results["predictor_serves"] = served_engine("http://127.0.0.1:18180")
+            sweep(servers)
+            if "predictor" in servers:
+                results["overload"] = overload(servers["predictor"], results["servers"]["predictor"], images, args.seconds)
+        finally:
+            for process, _ in servers.values():
+                stop(process)
+    served = results["predictor_serves"]
     results["model_only"] = [model_only(spec, args.batch, args.seconds, args.device) for spec in args.precisions]
     served_row = next((r for r in results["model_only"] if r["engine"] == served["engine"]
                        and r["precision"] == served["precision"] and r["compiled"] == served["compiled"]), None)
@@ -200,20 +269,26 @@ def main() -> None:
         print(f"| {r['engine']} {r['precision']}{' compiled' if r['compiled'] else ''} | {r['batch1_ms']} | "
               f"{r['full_batch_images_per_second']} | {r['load_seconds']} |")
     print(f"\npredictor serves {results['predictor_serves']}")
-    print(f"start to /health 200 (s): {start_to_ready}")
-    print(f"idle RSS (MB): {idle_rss_mb}\n")
-    baseline_rows = {r["concurrency"]: r for r in results["servers"]["seed-style baseline"]}
-    plain_rows = {r["concurrency"]: r for r in results["servers"]["plain ONNX Runtime server"]}
+    print(f"start to ready (s): {results['start_to_ready_seconds']}")
+    print(f"idle RSS (MB): {results['idle_rss_mb']}\n")
+    rows = {name: {r["concurrency"]: r for r in found} for name, found in results["servers"].items()}
+    peers = [p.name for p in PEERS if p.name in rows]
     for r in results["servers"]["predictor"]:
-        plain = plain_rows[r["concurrency"]]
-        print(f"c={r['concurrency']}: predictor / seed-style baseline = {r['throughput'] / baseline_rows[r['concurrency']]['throughput']:.2f}x, "
-              f"/ plain ONNX Runtime server = {r['throughput'] / plain['throughput']:.2f}x (p50 {r['p50_ms']} vs {plain['p50_ms']} ms), "
-              f"HTTP / model alone = {r['throughput'] / results['model_only_images_per_second']:.0%}")
+        level = r["concurrency"]
+        line = f"c={level}: predictor {r['throughput']} req/s (p50 {r['p50_ms']} ms)"
+        if peers:
+            best = max(peers, key=lambda name: rows[name][level]["throughput"])
+            line += f", {r['throughput'] / rows[best][level]['throughput']:.2f}x the best peer ({best})"
+        for name in peers:
+            line += f"; {name} {rows[name][level]['throughput']} req/s (p50 {rows[name][level]['p50_ms']} ms)"
+        if "seed-style baseline" in rows:
+            line += f"; {r['throughput'] / rows['seed-style baseline'][level]['throughput']:.2f}x the seed-style baseline"
+        print(line + f"; {r['throughput'] / results['model_only_images_per_second']:.0%} of the model alone")
     print()
     print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | shed (503) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, rows in results["servers"].items():
-        for r in rows:
+    for name, found in results["servers"].items():
+        for r in found:
             print(f"| {name} | {r['concurrency']} | {r['throughput']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
                   f"{r['errors']} | {r['shed']} |")
 

@@ -13,68 +13,15 @@ open-loop client (the Internet) can be given: 80 % of that was above saturation.
 
 import argparse
 import asyncio
-import itertools
 import json
 import sys
-import time
 from pathlib import Path
-
-import aiohttp
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import run_load  # noqa: E402
+from bench.loadgen import open_loop, run_load  # noqa: E402
 from bench.run import load_images, predictor_command, start  # noqa: E402
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-async def open_loop(url: str, images: list[bytes], rate: float, seconds: float, pid: int) -> dict:
-    """Requests started at `rate` per second whatever the answers do; RSS sampled every 10 s."""
-    statuses: dict[str, int] = {}
-    latencies: list[float] = []
-    rss: list[tuple[float, float]] = []
-    counter = itertools.count()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60),
-                                     connector=aiohttp.TCPConnector(limit=512)) as session:
-        async def one() -> None:
-            form = aiohttp.FormData()
-            form.add_field("file", images[next(counter) % len(images)], filename="image.jpg", content_type="image/jpeg")
-            started = time.perf_counter()
-            try:
-                async with session.post(url, data=form) as response:
-                    await response.read()
-                    key = str(response.status)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                key = type(exc).__name__
-            statuses[key] = statuses.get(key, 0) + 1
-            if key == "200":
-                latencies.append(time.perf_counter() - started)
-
-        begin = time.perf_counter()
-        tasks, next_sample = [], begin
-        for i in itertools.count():
-            due = begin + i / rate
-            if due - begin >= seconds:
-                break
-            if time.perf_counter() >= next_sample:
-                rss.append((round(time.perf_counter() - begin, 1), round(rss_mib(pid), 1)))
-                next_sample += 10
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(one()))
-        await asyncio.gather(*tasks)
-        rss.append((round(time.perf_counter() - begin, 1), round(rss_mib(pid), 1)))
-    values = np.array(latencies) * 1000
-    return {"rate": round(rate, 1), "seconds": seconds, "statuses": statuses,
-            "p50_ms": round(float(np.percentile(values, 50)), 1), "p99_ms": round(float(np.percentile(values, 99)), 1),
-            "rss_mib_samples": rss, "rss_growth_mib": round(rss[-1][1] - rss[0][1], 1)}
 
 
 def sustained(step: dict) -> bool:

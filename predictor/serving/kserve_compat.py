@@ -5,8 +5,9 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
 - `before_kserve_import`: /docs on unless turned off (KServe builds its app from `sys.argv` at import
   time, /docs off by default), and Prometheus' multiprocess directory with `--workers N`
   (prometheus_client picks its storage when kserve first imports it);
-- `serve_without_proxy_headers`: uvicorn's proxy-header rewriting off in every RESTServer (KServe
-  builds uvicorn's Config and does not expose `proxy_headers`; predictor.serving.security decides the client);
+- `configure_uvicorn`: uvicorn's proxy-header rewriting off in every RESTServer (KServe builds
+  uvicorn's Config and does not expose `proxy_headers`; predictor.serving.security decides the
+  client), and its access log as `--access_log` says (KServe leaves it on);
 - `use_guarded_grpc`: KServe's ModelServer builds predictor.serving.grpc_server.GuardedGRPCServer (the HTTP
   gates on gRPC, no model repository API) instead of its GRPCServer;
 - `use_patient_workers`: with `--workers N`, each worker process installs our app before KServe's
@@ -49,8 +50,9 @@ def before_kserve_import() -> None:
         atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
-def serve_without_proxy_headers() -> None:
-    """Turn off uvicorn's proxy-header handling in the servers KServe builds (workers included).
+def configure_uvicorn(access_log: bool) -> None:
+    """Turn off uvicorn's proxy-header handling in the servers KServe builds (workers included), and
+    its access log unless `access_log`.
 
     Uvicorn rewrites the client address from X-Forwarded-For for peers in FORWARDED_ALLOW_IPS
     (127.0.0.1 by default: every caller behind a local proxy such as Knative's queue-proxy), before
@@ -59,15 +61,14 @@ def serve_without_proxy_headers() -> None:
     """
     from kserve.protocol.rest import server as rest
 
-    original = rest.RESTServer.__init__
-    if getattr(original, "without_proxy_headers", False):
-        return
+    original = getattr(rest.RESTServer.__init__, "__wrapped__", rest.RESTServer.__init__)
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.config.proxy_headers = False
+        self.config.access_log = access_log
 
-    init.without_proxy_headers = True
+    init.__wrapped__ = original
     rest.RESTServer.__init__ = init
 
 
@@ -161,8 +162,8 @@ def problems() -> list[str]:
            "kserve.model_server.parser has no --enable_docs_url (before_kserve_import)")
     expect(hasattr(model_server, "app"), "kserve.model_server.app is gone (use_patient_workers installs on it)")
     init = getattr(rest.RESTServer.__init__, "__wrapped__", rest.RESTServer.__init__)
-    expect(getattr(rest.RESTServer.__init__, "without_proxy_headers", False) or "self.config" in _source(init),
-           "RESTServer.__init__ no longer sets self.config, the uvicorn Config (serve_without_proxy_headers)")
+    expect("self.config" in _source(init),
+           "RESTServer.__init__ no longer sets self.config, the uvicorn Config (configure_uvicorn)")
     expect(hasattr(model_server, "GRPCServer") and "GRPCServer(" in _source(model_server.ModelServer),
            "ModelServer no longer builds its gRPC server as model_server.GRPCServer (use_guarded_grpc)")
     grpc_init = _source(grpc_server.GRPCServer.__init__)

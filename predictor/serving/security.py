@@ -66,7 +66,7 @@ def caller_identity(scope: dict, key: str | None, trusted_proxy_hops: int) -> st
 
 def client_address(scope: dict, trusted_proxy_hops: int) -> str:
     """The caller's address, decided here only (uvicorn's own X-Forwarded-For rewriting is off:
-    `kserve_compat.serve_without_proxy_headers`), so the peer in `scope["client"]` is the TCP peer.
+    `kserve_compat.configure_uvicorn`), so the peer in `scope["client"]` is the TCP peer.
 
     0 trusted hops: the peer; X-Forwarded-For is ignored (anyone can write it). N hops: the N
     proxies in front each appended the address they saw, so the N-th entry from the right is the one
