@@ -65,10 +65,11 @@ evaluate: install data
 	$(PY) -m predictor.training.evaluate --data $(DATA_DIR)/train
 
 # Throughput/latency of the predictor vs its peers (bench/peers/), the seed-style baseline and the
-# model alone, and past saturation; then the workers x threads table the chart's defaults come
-# from (run on a quiet machine).
+# model alone, and past saturation; gRPC (BYTES, UINT8) beside multipart; then the workers x threads
+# table the chart's defaults come from (run on a quiet machine).
 bench: install bench-peers
 	$(PY) bench/run.py
+	$(PY) bench/grpc_vs_multipart.py
 	$(PY) bench/scaling.py
 
 # The servers a user would pick instead, each in a virtual environment of its own (pinned in

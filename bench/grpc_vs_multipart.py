@@ -1,8 +1,11 @@
-"""gRPC ModelInfer (OIP v2, BYTES = the JPEG files) beside multipart /classify/image, on one server, same run.
+"""gRPC ModelInfer (OIP v2) beside multipart /classify/image, on one server, same run: the `image`
+input as BYTES (the JPEG files, decoded by the server) and the `pixels` input as UINT8 (the same
+images decoded by the client to [1, 32, 32, 3], sent as raw_input_contents, as tritonclient sends them).
 
 One `python -m predictor` with gRPC on (rate limit and result cache off, as bench/run.py runs it);
-C closed-loop clients send the test JPEGs, first over multipart, then over gRPC, then multipart again
-(the two multipart rounds show how much the machine drifted). Prints one JSON line per round.
+C closed-loop clients send the test JPEGs, first over multipart, then over gRPC BYTES, gRPC UINT8,
+then multipart again (the two multipart rounds show how much the machine drifted). Prints one JSON
+line per round, and writes them to bench/results/grpc_vs_multipart.json.
 
     .venv/bin/python bench/grpc_vs_multipart.py --seconds 12 --concurrency 32
 """
@@ -24,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
 from bench.run import load_images, predictor_command, start  # noqa: E402
+from predictor.serving.imaging import decode_image  # noqa: E402
 from tests.conftest import MODEL_NAME, free_port  # noqa: E402
 
 
@@ -32,13 +36,19 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _grpc_load(target: str, images: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
+async def _grpc_load(target: str, images: list[bytes], datatype: str, concurrency: int, seconds: float,
+                     warmup: float) -> dict:
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
-    requests = [pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[image]))])
-        for image in images]
+    if datatype == "BYTES":
+        requests = [pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[image]))])
+            for image in images]
+    else:
+        requests = [pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="pixels", datatype="UINT8", shape=[1, 32, 32, 3])], raw_input_contents=[decode_image(image).tobytes()])
+            for image in images]
     latencies, errors, counter = [], 0, itertools.count()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = GRPCInferenceServiceStub(channel)
@@ -72,24 +82,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=12)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "grpc_vs_multipart.json")
     args = parser.parse_args()
+    rows = []
     http_port, grpc_port = free_port(), free_port()
     command = predictor_command(http_port, "--enable_grpc", "true", "--grpc_port", str(grpc_port))
     process, _ = start(command, f"http://127.0.0.1:{http_port}/health")
     try:
         images = load_images(40)
         url = f"http://127.0.0.1:{http_port}/classify/image"
-        for protocol in ("multipart", "grpc", "multipart"):
-            if protocol == "grpc":
-                row = asyncio.run(_grpc_load(f"127.0.0.1:{grpc_port}", images, args.concurrency, args.seconds, 2.0))
+        for protocol in ("multipart", "grpc BYTES", "grpc UINT8", "multipart"):
+            if protocol.startswith("grpc"):
+                row = asyncio.run(_grpc_load(f"127.0.0.1:{grpc_port}", images, protocol.split()[1], args.concurrency,
+                                             args.seconds, 2.0))
             else:
                 result = run_load(url, images, args.concurrency, args.seconds)
                 row = {k: getattr(result, k) for k in ("concurrency", "seconds", "requests", "errors", "throughput",
                                                        "p50_ms", "p99_ms", "client_cpu_share")}
-            print(json.dumps({"protocol": protocol, **row}), flush=True)
+            rows.append({"protocol": protocol, **row})
+            print(json.dumps(rows[-1]), flush=True)
     finally:
         process.terminate()
         process.wait(60)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
