@@ -48,7 +48,7 @@ def main() -> None:
              + (f"X-Forwarded-For entry {hops} from the right ({hops} trusted proxy hop(s))" if hops else "peer address")
              if settings.rate_limit_per_minute else "off",
              settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
-    kserve_compat.configure_uvicorn(settings.access_log)  # the client address is decided in one place: predictor.serving.security
+    kserve_compat.configure_uvicorn(settings.request_log)  # the client address is decided in one place: predictor.serving.security
     kserve_compat.use_guarded_grpc()
     if args.workers > 1:
         kserve_compat.use_patient_workers()  # each worker process installs the app itself

@@ -82,9 +82,9 @@ class Settings:
                                     "(affinity, cgroup CPU limit) divided among the --workers", env="INTRA_OP_THREADS",
                                     minimum=0)
     ui: bool = setting(True, "serve the demo page at GET / (false: 404)", env="UI", parse=_boolean)
-    access_log: bool = setting(False, "one log line per HTTP request (uvicorn's access log). Off by default: the mesh's "
+    request_log: bool = setting(False, "one log line per HTTP request (uvicorn's access log). Off by default: the mesh's "
                                "proxies log every request already, and under overload the line took 8 percent of the "
-                               "server's time", env="ACCESS_LOG", parse=_boolean)
+                               "server's time", env="REQUEST_LOG", parse=_boolean)
     max_explain_in_flight: int = setting(2, ":explain calls computing at once (fp32, outside the prediction batcher); "
                                          "beyond it a new one gets 503 + Retry-After", env="MAX_EXPLAIN_IN_FLIGHT",
                                          minimum=1)

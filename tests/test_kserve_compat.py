@@ -1,7 +1,7 @@
 """predictor.serving.kserve_compat against the installed kserve: every assumption its patches make holds, and one
 that stops holding (as an upgrade would break it) is reported and stops the server with one line.
-What the patches do is tested through real servers elsewhere (proxy headers: test_hardening; gRPC
-gates: test_grpc; --workers: test_workers)."""
+What the patches do is tested through real servers (proxy headers: test_hardening; gRPC gates:
+test_grpc; --workers: test_workers; the logs per request: here)."""
 
 import subprocess
 import sys
@@ -15,7 +15,7 @@ from kserve.protocol.rest.multiprocess import server as multiprocess
 
 from predictor.serving import kserve_compat
 
-from .conftest import ROOT
+from .conftest import ROOT, Server
 
 
 def test_every_assumption_holds_on_the_installed_kserve():
@@ -23,6 +23,10 @@ def test_every_assumption_holds_on_the_installed_kserve():
     kserve_compat.check_installed()
     # Written for the version pyproject.toml pins, which is the one installed here.
     assert metadata.version("kserve") == kserve_compat.WRITTEN_FOR
+
+
+def add_other_middleware(self, app):  # a RESTServer._add_middlewares without the timing log
+    pass
 
 
 def init_without_a_config(self, app):  # a RESTServer.__init__ that no longer builds uvicorn's Config
@@ -35,7 +39,8 @@ def init_without_a_config(self, app):  # a RESTServer.__init__ that no longer bu
     (lambda mp: mp.delattr(model_server, "GRPCServer"), "model_server.GRPCServer"),
     (lambda mp: mp.setattr(grpc_server.GRPCServer, "start", lambda self, max_workers, port: None), "start(max_workers)"),
     (lambda mp: mp.delattr(model_server, "app"), "model_server.app"),
-], ids=["worker-ping", "rest-config", "grpc-server", "grpc-start", "app"])
+    (lambda mp: mp.setattr(rest.RESTServer, "_add_middlewares", add_other_middleware), "TimingMiddleware"),
+], ids=["worker-ping", "rest-config", "grpc-server", "grpc-start", "app", "timing-middleware"])
 def test_a_broken_assumption_is_named_and_stops_the_server(monkeypatch, break_it, reported):
     break_it(monkeypatch)
     found = kserve_compat.problems()
@@ -65,3 +70,22 @@ def test_the_worker_class_is_found_by_name_in_a_fresh_process():
             "cls = k.PatientWorkerProcess; assert pickle.loads(pickle.dumps(cls)) is cls; "
             "assert cls.is_alive.__defaults__ == (k.WORKER_ANSWER_TIMEOUT_S,)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_a_call_writes_no_log_line_unless_the_access_log_is_asked_for(server, cifar_jpegs):
+    """By default a call logs nothing (KServe's two kserve.trace timing lines, its latency line and
+    uvicorn's access line are all off); `--request_log true` brings uvicorn's line back."""
+    upload = {"file": ("cat.jpg", next(iter(cifar_jpegs.values())), "image/jpeg")}
+    before = server.log()
+    assert server.client.post("/classify/image", files=upload).status_code == 200
+    assert server.client.get("/health").status_code == 200
+    written = server.log()[len(before):]
+    assert "kserve.trace" not in written and "POST /classify/image" not in written, written
+    logging = Server("--request_log", "true", "--rate_limit_per_minute", "0")
+    try:
+        assert logging.client.post("/classify/image", files=upload).status_code == 200
+        logging.client.get("/health")
+        assert '"POST /classify/image HTTP/1.1" 200' in logging.log()
+    finally:
+        logging.stop()

@@ -7,7 +7,7 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
   (prometheus_client picks its storage when kserve first imports it);
 - `configure_uvicorn`: uvicorn's proxy-header rewriting off in every RESTServer (KServe builds
   uvicorn's Config and does not expose `proxy_headers`; predictor.serving.security decides the
-  client), and its access log as `--access_log` says (KServe leaves it on);
+  client), and its access log as `--request_log` says (KServe leaves it on);
 - `use_guarded_grpc`: KServe's ModelServer builds predictor.serving.grpc_server.GuardedGRPCServer (the HTTP
   gates on gRPC, no model repository API) instead of its GRPCServer;
 - `use_patient_workers`: with `--workers N`, each worker process installs our app before KServe's
@@ -24,6 +24,7 @@ instead of serving without a gate. tests/test_kserve_compat.py holds both to the
 import argparse
 import atexit
 import inspect
+import logging
 import os
 import shutil
 import sys
@@ -58,7 +59,10 @@ def configure_uvicorn(access_log: bool) -> None:
     (127.0.0.1 by default: every caller behind a local proxy such as Knative's queue-proxy), before
     any middleware runs; the guard would then count whatever address a caller wrote. So it is
     switched off on the Config of every RESTServer (spawned workers receive that Config pickled).
+    Uvicorn logs a request when its `uvicorn.access` logger has handlers, which KServe's logging
+    configuration gives it (again in each worker process): they are removed after each configuration.
     """
+    from kserve import logging as kserve_logging
     from kserve.protocol.rest import server as rest
 
     original = getattr(rest.RESTServer.__init__, "__wrapped__", rest.RESTServer.__init__)
@@ -67,9 +71,27 @@ def configure_uvicorn(access_log: bool) -> None:
         original(self, *args, **kwargs)
         self.config.proxy_headers = False
         self.config.access_log = access_log
+        if not access_log:
+            _silence_access_log()
 
     init.__wrapped__ = original
     rest.RESTServer.__init__ = init
+
+    configure = getattr(kserve_logging.configure_logging, "__wrapped__", kserve_logging.configure_logging)
+
+    def configure_logging(*args, **kwargs):
+        configure(*args, **kwargs)
+        if not access_log:
+            _silence_access_log()
+
+    configure_logging.__wrapped__ = configure
+    kserve_logging.configure_logging = configure_logging
+
+
+def _silence_access_log() -> None:
+    access = logging.getLogger("uvicorn.access")
+    access.handlers = []
+    access.propagate = False
 
 
 def use_guarded_grpc() -> None:
@@ -116,6 +138,7 @@ def _patient_worker_process() -> type:
             rest_server = self._real_target.__self__
             for model in rest_server.dataplane.model_registry.get_models().values():
                 install(model_server.app, model)
+                configure_uvicorn(model.settings.request_log)  # KServe configures logging again in here
             return super().target(*args, **kwargs)
 
     PatientWorkerProcess.__module__, PatientWorkerProcess.__qualname__ = __name__, "PatientWorkerProcess"
@@ -171,6 +194,8 @@ def problems() -> list[str]:
            "GRPCServer.__init__ no longer keeps _data_plane, _model_repository_extension, _port, _kwargs (GuardedGRPCServer)")
     expect(list(inspect.signature(grpc_server.GRPCServer.start).parameters) == ["self", "max_workers"],
            "GRPCServer.start(max_workers) changed (GuardedGRPCServer overrides it)")
+    expect("logging.configure_logging(" in _source(multiprocess),
+           "KServe's worker no longer configures logging through kserve.logging.configure_logging (configure_uvicorn)")
     expect("TimingMiddleware" in _source(rest.RESTServer._add_middlewares),
            "RESTServer._add_middlewares no longer adds timing_asgi's TimingMiddleware (without_timing_log)")
     process = getattr(multiprocess, "RESTServerProcess", None)
