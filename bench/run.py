@@ -60,11 +60,10 @@ def predictor_command(port: int, *flags: str) -> list[str]:
 
 def start(command: list[str], health_url: str, env: dict | None = None,
           deadline_s: float = 900) -> tuple[subprocess.Popen, float]:
-    """(process, seconds from exec to /health 200); torch compilation at load takes minutes on 2 cores.
-    `env` replaces the environment when it carries PATH, else it is added to this one."""
+    """(process, seconds from exec to /health 200); torch compilation at load takes minutes on 2 cores."""
     started = time.monotonic()
-    environment = env if env and "PATH" in env else {**os.environ, **(env or {})}
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **(env or {})})
     deadline = started + deadline_s
     while time.monotonic() < deadline:
         try:

@@ -1,7 +1,6 @@
 """The servers a user would pick instead of the predictor, on the same engine, decoding and answer
 (`make bench` measures them beside it): how each is started, in which environment, and where it says ready."""
 
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ class Peer:
         return [str(bin_dir / first), *(a.replace("{port}", str(port)) for a in rest)]
 
     def environment(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_HOME": str(PEER_VENVS / "bentoml-home")}
+        """What its process needs on top of the benchmark's environment."""
+        return {"PYTHONPATH": str(ROOT), "BENTOML_HOME": str(PEER_VENVS / "bentoml-home")}
 
 
 PEERS = [

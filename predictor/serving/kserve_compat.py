@@ -70,9 +70,6 @@ def configure_uvicorn(access_log: bool) -> None:
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.config.proxy_headers = False
-        self.config.access_log = access_log
-        if not access_log:
-            _silence_access_log()
 
     init.__wrapped__ = original
     rest.RESTServer.__init__ = init
