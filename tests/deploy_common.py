@@ -164,6 +164,40 @@ def kserve_pod(objects: list[dict]) -> dict:
             "spec": {**spec, "containers": containers}}
 
 
+def kserve_predictor_service(objects: list[dict]) -> dict:
+    """The `<name>-predictor` Service KServe makes in Standard mode (kserve pkg/controller/v1beta1/
+    inferenceservice/reconcilers/service/service_reconciler.go, createDefaultSvc): port 80 to the
+    container's first port, under that port's name; every further port on its own number, under its
+    name, with appProtocol kubernetes.io/h2c when the name contains `grpc` or `h2c` (KServe after
+    0.15; older releases leave appProtocol unset, so Istio has only the name to go by)."""
+    isvc = one(objects, "InferenceService")
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard", "Knative mode makes no such Service"
+    ports = predictor_container(objects).get("ports") or [{"name": isvc["metadata"]["name"] + "-predictor", "containerPort": 8080}]
+    first, *others = ports
+    service_ports = [{"name": first["name"], "port": 80, "targetPort": first["containerPort"],
+                      "protocol": first.get("protocol", "TCP")}]
+    for port in others:
+        service_ports.append({"name": port["name"], "port": port["containerPort"], "targetPort": port["containerPort"],
+                              "protocol": port.get("protocol", "TCP"),
+                              **({"appProtocol": "kubernetes.io/h2c"} if "grpc" in port["name"] or "h2c" in port["name"]
+                                 else {})})
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": f"{isvc['metadata']['name']}-predictor", "namespace": isvc["metadata"]["namespace"]},
+            "spec": {"selector": {"app": f"isvc.{isvc['metadata']['name']}-predictor"}, "ports": service_ports}}
+
+
+def istio_port_protocol(service_port: dict) -> str:
+    """The protocol Istio gives a Service port (istio.io, "Protocol Selection"): appProtocol, else the
+    name's prefix before `-` (`grpc`, `grpc-web`, `http`, `http2`, `https`, `tcp`, `tls`, ...); anything
+    else is sniffed, which a gateway does not do: it forwards HTTP/1.1 unless the port says HTTP/2."""
+    app = service_port.get("appProtocol", "")
+    if app in ("kubernetes.io/h2c", "grpc", "http2"):
+        return "HTTP2"
+    name = service_port.get("name", "").split("-")[0].lower()
+    return {"grpc": "HTTP2", "http2": "HTTP2", "grpc-web": "HTTP2", "http": "HTTP", "https": "HTTPS",
+            "tcp": "TCP", "tls": "TLS"}.get(name, "sniffed (HTTP/1.1 from a gateway)")
+
+
 def kserve_pod_webhook(pod: dict, cluster: dict, pod_annotations: dict | None = None) -> dict:
     """KServe's pod webhook, InjectMetricsAggregator (kserve pkg/webhook/admission/pod/
     metrics_aggregate_injector.go): unset annotations take the cluster's inferenceservice-config

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from .deploy_common import (CHART, CHECKOV, CI_VALUES, HELM, KUBE_VERSIONS, NAMESPACE, OPTIONAL_APIS, RELEASE, ROOT, NotCovered,
-                            by_kind, kserve_pod, one, predictor_container, render, render_notes, run, tool, validate_object)
+                            by_kind, istio_port_protocol, kserve_pod, kserve_predictor_service, one, predictor_container, render,
+                            render_notes, run, tool, validate_object)
 
 VALUE_SETS = [None, *CI_VALUES]
 IDS = ["default", *(p.name.removesuffix("-values.yaml") for p in CI_VALUES)]
@@ -158,6 +159,11 @@ BAD_VALUES = {
     "no call in flight": (["--set", "batching.maxInFlight=0"], "maxInFlight"),
     "PDB bad minAvailable": (["--set", "podDisruptionBudget.minAvailable=half"], "minAvailable"),
     "network policy: old namespace list": (["--set", "networkPolicy.allowedNamespaces={monitoring}"], "allowedNamespaces"),
+    "gRPC in Knative mode (one port per revision)": (["--set", "grpc.enabled=true"], "/grpc/enabled"),
+    "gRPC on the HTTP port": (["--set", "deploymentMode=Standard", "--set", "grpc.enabled=true", "--set", "grpc.port=8080"],
+                              "grpc.port"),
+    "gRPC on a privileged port": (["--set", "grpc.port=443"], "/grpc/port"),
+    "gRPC port not a number": (["--set", "grpc.port=h2c"], "/grpc/port"),
 }
 
 
@@ -517,6 +523,117 @@ def test_tls_at_the_gateway_serves_https_and_redirects_http():
     assert [s["port"]["protocol"] for s in one(https_only, "Gateway")["spec"]["servers"]] == ["HTTPS"]
     plain = one(render(CHART / "ci" / "standard-values.yaml"), "Gateway")["spec"]["servers"]
     assert [s["port"]["protocol"] for s in plain] == ["HTTP"] and "tls" not in plain[0]
+
+
+# -- gRPC through the ingress (hardening point 10) -------------------------------------------------------
+# The RPCs of the Open Inference Protocol's GRPCInferenceService the route carries: inference, metadata and
+# readiness; not the model repository's (RepositoryModelLoad/Unload answer UNIMPLEMENTED anyway).
+GRPC_RPCS = ("ModelInfer", "ModelMetadata", "ModelReady", "ServerLive", "ServerMetadata", "ServerReady")
+GRPC = ("grpc.enabled=true",)
+STANDARD_SETS = [CHART / "ci" / "standard-values.yaml", CHART / "ci" / "secure-standard-values.yaml"]
+
+
+@pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
+def test_grpc_is_off_by_default(values_file):
+    """Off, the pod serves HTTP only, on one port, and the route carries HTTP only (manifests/ unchanged)."""
+    assert values_of(values_file)["grpc"] == {"enabled": False, "port": 8081}
+    objects = render(values_file)
+    container = predictor_container(objects)
+    assert "--enable_grpc=false" in container["args"] and not any(a.startswith("--grpc_port") for a in container["args"])
+    assert [p["name"] for p in container["ports"]] == ["http1"]
+    for route in by_kind(objects, "VirtualService"):
+        assert [r["name"] for r in route["spec"]["http"]] == ["classify"]
+
+
+@pytest.mark.parametrize("values_file", STANDARD_SETS, ids=["standard", "secure-standard"])
+def test_grpc_through_the_ingress_in_standard_mode(values_file):
+    """grpc.enabled: the predictor serves gRPC on its own port, declared on the pod (so KServe's
+    `<name>-predictor` Service carries it, under a name that makes Istio speak HTTP/2 to it, with or
+    without the appProtocol newer KServe adds), and the chart's route sends the RPCs there, on the same
+    gateway and host, with the HTTP route's timeout, retries and header rules. Every object validates."""
+    objects = render(values_file, sets=GRPC)
+    for obj in objects:
+        validate_object(obj)
+    container = predictor_container(objects)
+    assert "--enable_grpc=true" in container["args"] and "--grpc_port=8081" in container["args"]
+    assert "--enable_grpc=false" not in container["args"]
+    http_port, grpc_port = container["ports"]
+    # The HTTP port stays first: KServe's Service maps port 80 to it, the PodMonitor and probes name it.
+    assert http_port == {"name": "http1", "containerPort": 8080, "protocol": "TCP"}
+    assert grpc_port == {"name": "grpc", "containerPort": 8081, "protocol": "TCP"}
+    assert one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"][0]["port"] == "http1"
+    service = kserve_predictor_service(objects)
+    route = one(objects, "VirtualService")["spec"]
+    classify, grpc = route["http"]
+    assert (classify["name"], grpc["name"]) == ("classify", "grpc")
+    assert [m["uri"] for m in grpc["match"]] == [{"exact": f"/inference.GRPCInferenceService/{rpc}"} for rpc in GRPC_RPCS]
+    (destination,) = [r["destination"] for r in grpc["route"]]
+    assert destination["host"] == classify["route"][0]["destination"]["host"] == "cifar10-classifier-predictor.default.svc.cluster.local"
+
+    def service_port(number):
+        (found,) = [p for p in service["spec"]["ports"] if p["port"] == number]
+        return found
+
+    assert service_port(classify["route"][0]["destination"]["port"]["number"])["targetPort"] == 8080
+    grpc_service_port = service_port(destination["port"]["number"])
+    assert grpc_service_port["targetPort"] == 8081
+    older_kserve = {k: v for k, v in grpc_service_port.items() if k != "appProtocol"}
+    assert istio_port_protocol(grpc_service_port) == istio_port_protocol(older_kserve) == "HTTP2", grpc_service_port
+    assert grpc["timeout"] == classify["timeout"] and grpc["retries"] == classify["retries"]
+    assert grpc.get("headers") == classify.get("headers")  # no Host rewrite in Standard mode; the JWT owner header stripped
+    values = values_of(values_file)
+    if values["networkPolicy"]["enabled"]:
+        rules = one(objects, "NetworkPolicy")["spec"]["ingress"]
+        gateway_rule, prometheus_rule = rules
+        assert ports_of(gateway_rule) == {8080, 8081} and ports_of(prometheus_rule) == {8080}
+    if values["auth"]["jwt"]["enabled"]:
+        # An RPC is a POST: the allow-list's public GET/HEAD paths never cover one, a call needs a token.
+        public = [op["operation"] for rule in one(objects, "AuthorizationPolicy")["spec"]["rules"] for op in rule.get("to", [])]
+        assert all(set(op.get("methods", [])) <= {"GET", "HEAD"} for op in public)
+        assert not any(p.startswith("/inference.") for op in public for p in op.get("paths", []))
+    apis = ["--set", "extraAPIVersions={" + ",".join(OPTIONAL_APIS) + "}"]
+    lint = run([tool(HELM), "lint", "--strict", CHART, "--namespace", NAMESPACE, "--values", values_file, "--set", GRPC[0], *apis])
+    assert not re.search(r"\[(WARNING|ERROR)\]|\[INFO\] Fail", lint.stdout + lint.stderr), lint.stdout
+
+
+@pytest.mark.parametrize("how", ["route off", "no Istio API"])
+def test_grpc_without_the_route_still_opens_the_port_in_the_cluster(how):
+    """The route is an optional CR like the HTTP one (gated on the cluster serving Istio's API); the
+    pod's port and KServe's Service do not depend on it."""
+    sets = (*GRPC, "grpc.port=9000")
+    if how == "route off":
+        objects = render(CHART / "ci" / "standard-values.yaml", sets=(*sets, "istio.virtualService.enabled=false"))
+    else:
+        objects = render(CHART / "ci" / "standard-values.yaml", sets=sets, api_versions=())
+    assert not by_kind(objects, "VirtualService")
+    assert predictor_container(objects)["ports"][1] == {"name": "grpc", "containerPort": 9000, "protocol": "TCP"}
+    assert "--grpc_port=9000" in predictor_container(objects)["args"]
+    assert [p["port"] for p in kserve_predictor_service(objects)["spec"]["ports"]] == [80, 9000]
+
+
+def test_grpc_is_refused_in_knative_mode():
+    """A Knative revision has one port (knative/serving validateContainersPorts), the HTTP API's, and
+    queue-proxy sends its readiness probe to that port: the schema refuses grpc.enabled there, and past
+    the schema (--skip-schema-validation) the chart's own check says why."""
+    for mode_sets in ((), ("--set", "deploymentMode=Knative")):
+        result = run([tool(HELM), "template", RELEASE, CHART, *mode_sets, "--set", GRPC[0]], check=False)
+        assert result.returncode != 0 and "/grpc/enabled" in result.stderr, result.stderr
+    result = run([tool(HELM), "template", RELEASE, CHART, "--set", GRPC[0], "--skip-schema-validation"], check=False)
+    assert result.returncode != 0 and "deploymentMode=Standard" in result.stderr and "one port" in result.stderr, result.stderr
+
+
+def test_notes_print_a_tritonclient_call_for_grpc():
+    plain = render_notes(CHART / "ci" / "standard-values.yaml", sets=GRPC)
+    assert "tritonclient.grpc" in plain and "'${INGRESS_HOST}:80'" in plain
+    assert "('grpc.default_authority', 'cifar10-classifier.default.example.com')" in plain
+    tls = render_notes(CHART / "ci" / "secure-standard-values.yaml", sets=GRPC)
+    assert "'${INGRESS_HOST}:443', ssl=True" in tls and "('grpc.ssl_target_name_override', 'cifar10.example.com')" in tls
+    # The key and the token go as metadata, like the curl's headers.
+    assert "'x-api-key': '${API_KEY}'" in tls and "'authorization': 'Bearer ${TOKEN}'" in tls
+    assert "'x-api-key'" not in plain and "authorization" not in plain
+    # In the cluster, and without the route: KServe's Service on the gRPC port.
+    assert "cifar10-classifier-predictor.default.svc.cluster.local:8081" in plain
+    assert "tritonclient" not in render_notes(CHART / "ci" / "standard-values.yaml")
 
 
 # -- admission rules of KServe's and Knative's webhooks, which no schema carries ----------------------

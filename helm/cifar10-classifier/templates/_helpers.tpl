@@ -199,6 +199,36 @@ port to `user-port` (knative/serving deploy.go, UserPortName); Standard mode kee
 {{- end }}
 
 {{/*
+Whether the predictor serves gRPC on its own port (grpc.enabled). Standard mode only: a Knative
+revision has a single port (knative/serving validateContainersPorts), the HTTP API's, and
+queue-proxy probes readiness on it; the schema and cifar10.validate refuse it in Knative mode.
+*/}}
+{{- define "cifar10.grpc" -}}
+{{- if and .Values.grpc.enabled (eq .Values.deploymentMode "Standard") }}true{{ end }}
+{{- end }}
+
+{{/*
+Name of the gRPC port on the pod. KServe's Standard-mode Service copies it (port = the container's
+number) and, after 0.15, adds appProtocol kubernetes.io/h2c to names containing grpc or h2c; Istio
+reads a `grpc` name as HTTP/2 either way. An ingress gateway does not sniff the upstream protocol:
+without it the gateway would speak HTTP/1.1 to the gRPC server.
+*/}}
+{{- define "cifar10.grpcPortName" -}}grpc{{- end }}
+
+{{/*
+The RPCs the route carries to the gRPC port, as a JSON list of exact paths: inference, metadata and
+readiness of the Open Inference Protocol's GRPCInferenceService; not the model repository's RPCs
+(answered UNIMPLEMENTED by the predictor anyway), as the HTTP route carries no /v2/repository path.
+*/}}
+{{- define "cifar10.grpcPaths" -}}
+{{- $paths := list }}
+{{- range list "ModelInfer" "ModelMetadata" "ModelReady" "ServerLive" "ServerMetadata" "ServerReady" }}
+{{- $paths = append $paths (printf "/inference.GRPCInferenceService/%s" .) }}
+{{- end }}
+{{- toJson $paths }}
+{{- end }}
+
+{{/*
 Grafana dashboard uid: at most 40 characters (Grafana's limit), different per namespace and release.
 */}}
 {{- define "cifar10.dashboardUid" -}}
@@ -291,6 +321,12 @@ Checks that a JSON schema cannot express.
 {{- $was := dig "metadata" "annotations" "serving.kserve.io/deploymentMode" "" $existing }}
 {{- if and $was (ne $was .Values.deploymentMode) }}
 {{- fail (printf "deploymentMode cannot change after install (InferenceService %s is %s): uninstall and install again" (include "cifar10.fullname" .) $was) }}
+{{- end }}
+{{- if and .Values.grpc.enabled (ne .Values.deploymentMode "Standard") }}
+{{- fail "grpc.enabled needs deploymentMode=Standard: a Knative revision has one port, the HTTP API's (queue-proxy also probes readiness there); see helm/README.md, gRPC through the ingress" }}
+{{- end }}
+{{- if and .Values.grpc.enabled (eq (int .Values.grpc.port) (int .Values.containerPort)) }}
+{{- fail (printf "grpc.port (%d) must differ from containerPort, the HTTP port" (int .Values.grpc.port)) }}
 {{- end }}
 {{- if and .Values.auth.apiKeys.existingSecret (has .Values.auth.apiKeys.mountPath (list "/tmp" "/app" "/")) }}
 {{- fail "auth.apiKeys.mountPath must be a folder of its own" }}
