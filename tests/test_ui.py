@@ -28,14 +28,20 @@ def keyed_server():
     srv.stop()
 
 
+def chromium(*arguments: str) -> webdriver.Chrome:
+    """Headless Chromium (installed by `make browser`), a phone-to-desktop sized window, with `arguments`
+    added; its console is kept (`get_log("browser")`)."""
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900", *arguments):
+        options.add_argument(argument)  # no sandbox: the tests may run as root (CI)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    return webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+
+
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium (installed by `make browser`), a phone-to-desktop sized window."""
-    options = webdriver.ChromeOptions()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(argument)  # no sandbox: the tests may run as root (CI)
-    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"))
+    driver = chromium()
     yield driver
     driver.quit()
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from predictor.model import Cifar10Classifier
 from predictor.serving import kserve_compat, metrics, openapi
 from predictor.serving.demo import build_ui_router
+from predictor.serving.docs import install_docs
 from predictor.serving.error_handlers import install_error_handlers
 from predictor.serving.explain import build_explain_router
 from predictor.serving.guard import Gates, RequestGuard
@@ -32,6 +33,7 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     cached = build_cache(settings.redis_url, settings.cache_ttl_s, f"{model.version}:{model.runner.precision}",
                          model.classify, lambda r: metrics.record_prediction(r["predicted_class"], r["confidence"], model.version),
                          per_key=not settings.cache_shared_across_keys)
+    kserve_compat.use_orjson_response(app)  # before any route: the routes take the app's response class
     app.include_router(build_router(model, cached))
     app.include_router(build_explain_router(model))
     app.include_router(build_ui_router(model))
@@ -46,6 +48,7 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     app.add_middleware(RequestGuard, gates=model.gates, version=model.version, router=app.router)
 
     openapi.describe(app)  # what the server answers: errors per route, media types, no refused routes
+    install_docs(app)  # /docs: Swagger UI from this server's own files, not a CDN
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

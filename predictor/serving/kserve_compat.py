@@ -14,7 +14,10 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
   routes, and may take 60 s instead of 5 s to answer KServe's liveness ping;
 - `without_timing_log`: KServe's TimingMiddleware off the app. Its only output is two `kserve.trace`
   log lines per request (wall and CPU seconds, the route found by matching every route again), which
-  `api_request_latency_seconds` already measures; it cost 4 % of the server's time per call.
+  `api_request_latency_seconds` already measures; it cost 4 % of the server's time per call;
+- `use_orjson_response`: KServe's JSON answers (its app's default response class, its v1 handlers')
+  as OrjsonResponse, the same bytes, instead of FastAPI's ORJSONResponse, deprecated since FastAPI
+  0.165: a warning in the log of every process at its first answers.
 
 `problems()` checks what these patches rely on (names, signatures, attributes KServe's code sets);
 `check_installed()` stops the server with one line per broken assumption when an upgrade breaks one,
@@ -30,6 +33,9 @@ import shutil
 import sys
 import tempfile
 from importlib import metadata
+
+import orjson
+from starlette.responses import JSONResponse
 
 WRITTEN_FOR = "0.21.0"
 WORKER_ANSWER_TIMEOUT_S = 60.0
@@ -150,6 +156,27 @@ def without_timing_log(app) -> None:
     app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
 
 
+class OrjsonResponse(JSONResponse):
+    """FastAPI's ORJSONResponse without its deprecation warning: JSON by orjson, numpy values and
+    non-string keys included, as KServe's answers have always been written."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+
+
+def use_orjson_response(app) -> None:
+    """Answer with OrjsonResponse wherever KServe answers with FastAPI's ORJSONResponse: `app`'s default
+    response class (call before any route is added: KServe adds its own when the server starts) and
+    the name in KServe's modules loaded by now (its OpenAI routes' module loads, if ever, only to serve an
+    OpenAI model: this predictor serves none)."""
+    from fastapi import responses
+
+    app.router.default_response_class = OrjsonResponse
+    for name, module in list(sys.modules.items()):
+        if name.startswith("kserve.") and getattr(module, "ORJSONResponse", None) is responses.ORJSONResponse:
+            module.ORJSONResponse = OrjsonResponse
+
+
 def __getattr__(name: str):
     # The worker class subclasses KServe's, so it is made only once kserve may be imported (after
     # before_kserve_import); a spawned worker unpickling it by name gets it made here on first lookup.
@@ -167,9 +194,11 @@ def _source(obj) -> str:
 
 def problems() -> list[str]:
     """What no longer holds in the installed kserve of what the patches above assume (empty: all holds)."""
+    from fastapi import responses
     from kserve import model_server
     from kserve.protocol.grpc import server as grpc_server
     from kserve.protocol.rest import server as rest
+    from kserve.protocol.rest import v1_endpoints
     from kserve.protocol.rest.multiprocess import server as multiprocess
 
     found = []
@@ -200,6 +229,12 @@ def problems() -> list[str]:
            "RESTServerProcess.is_alive(timeout) is gone (use_patient_workers)")
     expect(process is not None and callable(getattr(process, "target", None)) and "_real_target" in _source(multiprocess),
            "RESTServerProcess no longer runs its server through target/_real_target (use_patient_workers)")
+    expect(not hasattr(model_server, "app")  # reported above
+           or model_server.app.router.default_response_class in (responses.ORJSONResponse, OrjsonResponse),
+           "KServe's app no longer answers with FastAPI's ORJSONResponse by default (use_orjson_response)")
+    expect(getattr(v1_endpoints, "ORJSONResponse", None) in (responses.ORJSONResponse, OrjsonResponse)
+           and "ORJSONResponse(" in _source(v1_endpoints),
+           "kserve.protocol.rest.v1_endpoints no longer answers with ORJSONResponse by that name (use_orjson_response)")
     return found
 
 
