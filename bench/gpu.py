@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT))
 from bench.loadgen import collect, summarize  # noqa: E402
 from bench.run import predictor_command, start  # noqa: E402
 from predictor.cifar import CLASSES  # noqa: E402
+from predictor.core.imaging import decode_image  # noqa: E402
 from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path  # noqa: E402
 from predictor.engines.torch_engine import InferenceEngine  # noqa: E402
-from predictor.serving.imaging import decode_image  # noqa: E402
 from predictor.weights import PACKAGED_DIR, load_model  # noqa: E402
 
 HOLDOUT = ROOT / "tests" / "data" / "holdout.tar.gz"

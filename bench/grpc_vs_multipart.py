@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
 from bench.run import load_images, predictor_command, start  # noqa: E402
-from predictor.serving.imaging import decode_image  # noqa: E402
+from predictor.core.imaging import decode_image  # noqa: E402
 from tests.conftest import MODEL_NAME, free_port  # noqa: E402
 
 

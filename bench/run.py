@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import open_loop, run_load  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
+from predictor.engines.devices import usable_cores  # noqa: E402
 from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path  # noqa: E402
-from predictor.engines.selection import usable_cores  # noqa: E402
 from predictor.engines.torch_engine import InferenceEngine  # noqa: E402
 from predictor.weights import PACKAGED_DIR, calibration_images, load_model  # noqa: E402
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
 from bench.run import load_images, predictor_command, start  # noqa: E402
-from predictor.engines.selection import usable_cores  # noqa: E402
+from predictor.engines.devices import usable_cores  # noqa: E402
 
 
 def main() -> None:

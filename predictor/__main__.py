@@ -9,11 +9,12 @@ kserve_compat.before_kserve_import()
 
 from kserve import model_server  # noqa: E402
 
+from predictor.app import install, install_in_worker  # noqa: E402
 from predictor.config import build_parser, settings_from  # noqa: E402
-from predictor.engines.selection import EngineError  # noqa: E402
+from predictor.core.drain import Drain  # noqa: E402
+from predictor.engines.devices import EngineError  # noqa: E402
 from predictor.model import Cifar10Classifier  # noqa: E402
-from predictor.serving.app import install  # noqa: E402
-from predictor.serving.drain import Drain  # noqa: E402
+from predictor.serving.grpc_server import GuardedGRPCServer  # noqa: E402
 from predictor.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("predictor")
@@ -48,10 +49,10 @@ def main() -> None:
              + (f"X-Forwarded-For entry {hops} from the right ({hops} trusted proxy hop(s))" if hops else "peer address")
              if settings.rate_limit_per_minute else "off",
              settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
-    kserve_compat.configure_uvicorn(settings.request_log)  # the client address is decided in one place: predictor.serving.security
-    kserve_compat.use_guarded_grpc()
+    kserve_compat.configure_uvicorn(settings.request_log)  # the client address is decided in one place: predictor.core.security
+    kserve_compat.use_grpc_server(GuardedGRPCServer)
     if args.workers > 1:
-        kserve_compat.use_patient_workers()  # each worker process installs the app itself
+        kserve_compat.use_patient_workers(install_in_worker)  # each worker process installs the app itself
     else:
         install(model_server.app, model)
     # KServe hands grace_period to uvicorn as its graceful-shutdown timeout: the drain window.

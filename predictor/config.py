@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from predictor.serving.security import ApiKeys
+from predictor.core.security import ApiKeys
 from predictor.weights import PACKAGED_DIR
 
 DEFAULT_MODEL_NAME = "cifar10-resnet18"

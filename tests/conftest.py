@@ -163,6 +163,24 @@ def calls_in_flight(base_url: str) -> float:
     return float(re.search(r"^predictor_in_flight_requests (\S+)$", text, re.M).group(1))
 
 
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The response is an error of `status` (and `code`), in the shape its path uses; its body."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    found, _ = error_fields(body, response.request.url.path)
+    if code:
+        assert found == code, body
+    return body
+
+
+def scraped_total(url: str, endpoint: str) -> float:
+    """api_requests_total of `endpoint`, summed over statuses (and worker processes)."""
+    # A new connection per scrape, so scrapes land on either worker.
+    text = httpx.get(f"{url}/metrics", headers={"Connection": "close"}, timeout=30).text
+    return sum(float(value) for value in re.findall(
+        rf'^api_requests_total\{{[^}}]*endpoint="{re.escape(endpoint)}"[^}}]*\}} (\S+)$', text, re.M))
+
+
 def wait_until(condition, timeout: float, what: str, interval: float = 0.1):
     """Poll `condition` until it returns something true and return that; fail after `timeout` seconds (a
     bound, not a pace) with its last value, or the connection or parse error it last raised."""

@@ -13,19 +13,10 @@ from PIL import Image
 
 from predictor.cifar import CLASSES
 
-from .conftest import MODEL_NAME, encode, error_fields
+from .conftest import MODEL_NAME, assert_error, encode
 
 V1 = f"/v1/models/{MODEL_NAME}:predict"
 V2 = f"/v2/models/{MODEL_NAME}/infer"
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    found, _ = error_fields(body, response.request.url.path)
-    if code:
-        assert found == code, body
-    return body
 
 
 def assert_classification(result: dict) -> None:

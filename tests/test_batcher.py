@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 import pytest
-from kserve.errors import InferenceError
 
-from predictor.serving.batcher import FORWARD_FAILED, DynamicBatcher
-from predictor.serving.drain import Drain
+from predictor.core.batcher import FORWARD_FAILED, DynamicBatcher
+from predictor.core.drain import Drain
+from predictor.core.errors import InferenceFailed
 
 
 class StubForward:
@@ -161,7 +161,7 @@ def test_failed_forward_fails_only_its_batch_and_the_batcher_recovers():
     bad, good = asyncio.run(main())
     # The caller gets the fixed inference failure (500 inference_error at the edge), never the engine's
     # own message; that is kept as the cause, for the log.
-    assert isinstance(bad[0], InferenceError) and str(bad[0]) == FORWARD_FAILED
+    assert isinstance(bad[0], InferenceFailed) and bad[0].message == FORWARD_FAILED
     assert "simulated" not in str(bad[0]) and isinstance(bad[0].__cause__, RuntimeError)
     assert [g[0, 0] for g in good] == list(range(6))
 

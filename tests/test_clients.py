@@ -32,7 +32,7 @@ def seed(served, cifar_jpegs) -> dict:
 
 @pytest.fixture(scope="module")
 def pixels(cifar_jpegs) -> np.ndarray:
-    from predictor.serving.imaging import decode_image
+    from predictor.core.imaging import decode_image
 
     return decode_image(cifar_jpegs["ship_0000.jpg"])[None]
 

@@ -13,9 +13,7 @@ from PIL import Image
 
 from predictor.cifar import CLASSES
 
-from .conftest import MODEL_NAME, Server, encode
-from .test_api import assert_error
-from .test_workers import scraped_total
+from .conftest import MODEL_NAME, Server, assert_error, calls_in_flight, encode, scraped_total, wait_until
 
 EXPLAIN = f"/v1/models/{MODEL_NAME}:explain"
 KEY = "explain-test-key-9d2e"
@@ -157,7 +155,7 @@ def test_explanations_beyond_their_limit_get_503_and_run_off_the_event_loop(limi
     light = instances(holdout[0][0])
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(lambda: (client.post(EXPLAIN, json=heavy), time.monotonic()))
-        time.sleep(0.5)  # the heavy call is computing by now
+        wait_until(lambda: calls_in_flight(limited_server.url) >= 1, 30, "the heavy explanation to be admitted")
         refused, refused_at = client.post(EXPLAIN, json=light), time.monotonic()
         health_started = time.monotonic()
         health = client.get("/health")
@@ -190,9 +188,11 @@ def test_an_explanation_cut_off_by_the_deadline_keeps_its_slot_until_it_ends(hol
         # Its Grad-CAM is still computing: the CPU work stays bounded, a new one is refused...
         assert_error(srv.client.post(EXPLAIN, json=instances(holdout[0][0])), 503, "overloaded")
         # ...until it ends; then the slot is free (a single image fits the deadline once it is).
-        deadline = time.monotonic() + 60
-        while (status := srv.client.post(EXPLAIN, json=instances(holdout[0][0])).status_code) != 200:
-            assert status in (503, 504) and time.monotonic() < deadline, status
-            time.sleep(0.5)
+        def served() -> bool:
+            status = srv.client.post(EXPLAIN, json=instances(holdout[0][0])).status_code
+            assert status in (200, 503, 504), status
+            return status == 200
+
+        wait_until(served, 60, "the explanation slot to be free again", interval=0.5)
     finally:
         srv.stop()

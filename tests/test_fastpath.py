@@ -13,20 +13,14 @@ import pytest
 import torch
 from torch import nn
 
+from predictor.core.imaging import decode_image
+from predictor.engines import devices, torch_engine
 from predictor.engines import selection as engine_module
-from predictor.engines import torch_engine
+from predictor.engines.devices import EngineError, cpu_has, resolve_device
 from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path
 from predictor.engines.reference import ReferenceNetwork
-from predictor.engines.selection import (
-    EngineError,
-    build_engine,
-    check_agreement,
-    choose_engine,
-    cpu_has,
-    resolve_device,
-)
+from predictor.engines.selection import build_engine, check_agreement, choose_engine
 from predictor.engines.torch_engine import InferenceEngine, batch_buckets, native_cpu_precisions, resolve_precision
-from predictor.serving.imaging import decode_image
 from predictor.weights import PACKAGED_DIR, WeightsError, calibration_images, load_model, verified_weights
 
 from .conftest import MODEL_NAME, ROOT, Server
@@ -250,7 +244,8 @@ def test_cuda_without_a_usable_gpu_stops_with_one_clear_line():
 def test_without_torch_the_torch_engine_and_cuda_are_refused_and_auto_serves_onnx(shipped, reference, monkeypatch):
     """The CPU image has no torch (tests/test_image.py runs it); here its absence is simulated."""
     _, card = shipped
-    monkeypatch.setattr(engine_module, "torch_installed", lambda: False)
+    for module in (engine_module, devices):  # the device check and the engine choice each ask
+        monkeypatch.setattr(module, "torch_installed", lambda: False)
     assert resolve_device("auto") == "cpu"
     with pytest.raises(EngineError, match="--device cuda needs torch.*use the CUDA image"):
         resolve_device("cuda")

@@ -23,12 +23,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import not_a_server_error, status_code_conformance
 
-from predictor.serving.errors import ApiError
-from predictor.serving.imaging import JPEG_MAGIC, PNG_MAGIC, decode_image
+from predictor.core.errors import ApiError
+from predictor.core.imaging import JPEG_MAGIC, PNG_MAGIC, decode_image
+from predictor.serving.http_errors import http_status
 
-from .conftest import error_fields
+from .conftest import Server, error_fields
 
 IMAGES = Path(__file__).resolve().parent / "images"
 MODEL = "cifar10-resnet18"
@@ -76,9 +77,9 @@ def assert_decodes_or_4xx(data: bytes) -> None:
     try:
         out = decode_image(data)
     except ApiError as exc:
-        assert 400 <= exc.status < 500, (exc.status, exc.code, exc.message)
+        assert 400 <= http_status(exc) < 500, (http_status(exc), exc.code, exc.message)
         assert exc.code and exc.message
-        event(f"{exc.status} {exc.code}")  # outcome mix: pytest --hypothesis-show-statistics
+        event(f"{http_status(exc)} {exc.code}")  # outcome mix: pytest --hypothesis-show-statistics
         return
     event("decoded")
     assert isinstance(out, np.ndarray)
@@ -259,19 +260,36 @@ def fuzz_operation(schema, server, method: str, path: str, path_parameters, mode
         response = case.call(base_url=server.url, headers=headers, timeout=60)
         statuses.append(response.status_code)
         event(f"HTTP {response.status_code}")
-        case.validate_response(response, checks=[not_a_server_error, error_shape_for_4xx], headers=headers)
+        case.validate_response(response, checks=[not_a_server_error, status_code_conformance, error_shape_for_4xx],
+                               headers=headers)
 
     fuzz()
     return statuses
 
 
+@pytest.fixture(scope="module")
+def gated_server():
+    """API keys on (the fuzzer sends one) and a small rate limit, so that 401s and 429s are answered too."""
+    srv = Server("--max_body_bytes", "200000", "--max_batch_files", "4", "--max_image_side", "512",
+                 "--rate_limit_per_minute", "30", "--job_reads_per_minute", "10", env={"API_KEYS": "fuzz-key-0123456789"})
+    srv.client.headers["X-API-Key"] = "fuzz-key-0123456789"
+    yield srv
+    srv.stop()
+
+
 @pytest.mark.parametrize("method, path, path_parameters, mode, examples", [
     pytest.param(method, path, fixed, mode, examples, id=f"{method} {path}{' (model)' if fixed else ''} {mode.value}")
     for method, path, fixed, modes, examples in OPERATIONS for mode in modes])
-def test_api_operation_never_5xx(api_schema, strict_server, method, path, path_parameters, mode, examples):
-    statuses = fuzz_operation(api_schema, strict_server, method, path, path_parameters, mode, examples)
+@pytest.mark.parametrize("gates", ["open", "keys+rate limit"])
+def test_api_operation_never_5xx_and_answers_only_documented_statuses(api_schema, request, gates, method, path,
+                                                                       path_parameters, mode, examples):
+    """Every operation, with the gates off (strict limits) and on (keys and a rate limit that the run passes):
+    never a 5xx, every status one the document lists for it, every 4xx in the error shape."""
+    server = request.getfixturevalue("strict_server" if gates == "open" else "gated_server")
+    budget = examples if gates == "open" else max(3, examples // 4)
+    statuses = fuzz_operation(api_schema, server, method, path, path_parameters, mode, budget)
     assert statuses, "no request was generated"
-    assert strict_server.client.get("/health").status_code == 200
+    assert server.client.get("/health").status_code == 200
 
 
 @pytest.mark.parametrize("method, path", [pytest.param(m, p, id=f"{m} {p}") for m, p in dict.fromkeys(VERSIONED)])

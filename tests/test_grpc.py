@@ -128,6 +128,44 @@ def test_infer_needs_a_key_in_metadata_and_probes_stay_open(keyed_grpc, cifar_jp
     assert KEY not in keyed_grpc.log()
 
 
+def rss_mib(srv: Server) -> float:
+    return int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{srv.process.pid}/status").read()).group(1)) / 1024
+
+
+def test_refused_calls_are_refused_before_their_message_is_read(cifar_jpegs):
+    """Keys on, 40 concurrent ~10 MB ModelInfer calls without a key: every one is refused UNAUTHENTICATED,
+    and the server's memory never holds their messages (400 MB, read whole before the gates before)."""
+    import concurrent.futures
+    import os
+    import threading
+
+    srv = start("--max_body_bytes", str(12 * 2**20), env={"API_KEYS": KEY})
+    try:
+        big = pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
+            name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[os.urandom(10 * 2**20)]))])
+        baseline, peak, done = rss_mib(srv), [0.0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_mib(srv))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            errors = list(pool.map(lambda _: grpc_error(srv.stub.ModelInfer, big, timeout=60), range(40)))
+        done.set()
+        sampler.join()
+        assert {e.code() for e in errors} == {grpc.StatusCode.UNAUTHENTICATED}, {e.code() for e in errors}
+        assert peak[0] - baseline < 120, (baseline, peak[0])
+        assert rss_mib(srv) - baseline < 120, (baseline, rss_mib(srv))
+        # Admitted calls are read as before.
+        reply = srv.stub.ModelInfer(image_request(cifar_jpegs["cat_0000.jpg"]), metadata=(("x-api-key", KEY),), timeout=30)
+        assert reply.outputs[1].contents.bytes_contents == [b"cat"]
+    finally:
+        stop(srv)
+
+
 def test_one_rate_limit_bucket_per_key_across_http_and_grpc(keyed_grpc, cifar_jpegs):
     jpeg = cifar_jpegs["dog_0000.jpg"]
     metadata = (("x-api-key", OTHER_KEY),)
@@ -281,7 +319,9 @@ BAD_REQUESTS = {
     "pixels-16x16": (dict(inputs=[tensor("pixels", "UINT8", [1, 16, 16, 3])], raw_input_contents=[bytes(768)]),
                      grpc.StatusCode.INVALID_ARGUMENT, "UINT8 input must have shape [N, 32, 32, 3]"),
     "pixels-short": (dict(inputs=[tensor("pixels", "UINT8", [1, 32, 32, 3])], raw_input_contents=[bytes(3000)]),
-                     grpc.StatusCode.INVALID_ARGUMENT, "UINT8 data does not match shape"),
+                     grpc.StatusCode.INVALID_ARGUMENT, "UINT8 data of 'pixels' must hold 3072 bytes"),
+    "pixels-over-255": (dict(inputs=[tensor("pixels", "UINT8", [1, 32, 32, 3], uint_contents=[999] * 3072)]),
+                        grpc.StatusCode.INVALID_ARGUMENT, "must be integers from 0 to 255"),
     "truncated-jpeg": (dict(inputs=[tensor("image", "BYTES", [1], bytes_contents=[b"\xff\xd8\xff\xe0" + bytes(300)])]),
                        grpc.StatusCode.INVALID_ARGUMENT, "corrupt or truncated"),
     "base64-text": (dict(inputs=[tensor("image", "BYTES", [1], bytes_contents=[b"/9j/4AAQSkZJRg=="])]),

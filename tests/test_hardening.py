@@ -307,7 +307,7 @@ def test_the_replaced_trust_forwarded_for_refuses_to_start():
 
 # -- the limiter and key check themselves, on a controlled clock -----------------------------------
 def test_token_bucket_allows_100_then_refills_at_100_per_minute():
-    from predictor.serving.security import RateLimiter
+    from predictor.core.security import RateLimiter
 
     now = [1000.0]
     limiter = RateLimiter(100, clock=lambda: now[0])
@@ -322,7 +322,7 @@ def test_token_bucket_allows_100_then_refills_at_100_per_minute():
 
 
 def test_limiter_forgets_the_least_recent_callers_beyond_its_bound():
-    from predictor.serving.security import RateLimiter
+    from predictor.core.security import RateLimiter
 
     limiter = RateLimiter(1, max_callers=3, clock=lambda: 0.0)
     for caller in "abcd":
@@ -331,7 +331,7 @@ def test_limiter_forgets_the_least_recent_callers_beyond_its_bound():
 
 
 def test_api_keys_from_string_and_file(tmp_path):
-    from predictor.serving.security import ApiKeys
+    from predictor.core.security import ApiKeys
 
     keys_file = tmp_path / "keys"
     keys_file.write_text("# comment\n\n  file-key  \n")
@@ -342,7 +342,7 @@ def test_api_keys_from_string_and_file(tmp_path):
 
 
 def test_client_address_counts_trusted_hops_from_the_right():
-    from predictor.serving.security import caller_identity, client_address
+    from predictor.core.security import caller_identity, client_address
 
     def scope(*forwarded_for: str) -> dict:
         return {"client": ("10.9.9.9", 40000), "headers": [(b"x-forwarded-for", v.encode()) for v in forwarded_for]}

@@ -362,6 +362,16 @@ HOSTILE = [
     case("v2-uint8-string-values", v2_json(pixels([1, 32, 32, 3], ["a"] * 3072)), 400, "invalid_tensor"),
     case("v2-uint8-too-much-data", v2_json(pixels([1, 32, 32, 3], [0] * 4000)), 400, "invalid_tensor"),
     case("v2-uint8-ragged-data", v2_json(pixels([1, 32, 32, 3], [[1, 2], [3]])), 400, "invalid_tensor"),
+    case("v2-uint8-float-values", v2_json(pixels([1, 32, 32, 3], [1.7] * 3072)), 400, "invalid_tensor"),
+    case("v2-uint8-numeric-strings", v2_json(pixels([1, 32, 32, 3], ["1"] * 3072)), 400, "invalid_tensor"),
+    case("v2-uint8-booleans", v2_json(pixels([1, 32, 32, 3], [True] * 3072)), 400, "invalid_tensor"),
+    case("v2-uint8-some-booleans", v2_json(pixels([1, 32, 32, 3], [True] + [1] * 3071)), 400, "invalid_tensor"),
+    case("v2-uint8-over-255", v2_json(pixels([1, 32, 32, 3], [999] * 3072)), 400, "invalid_tensor"),
+    case("v2-binary-data-output-a-string", v2_json(pixels([1, 32, 32, 3], [0] * 3072), parameters={"binary_data_output": "yes"}),
+         400, "invalid_parameter"),
+    case("v2-output-binary-data-a-number", v2_json(pixels([1, 32, 32, 3], [0] * 3072),
+                                                   outputs=[{"name": "label", "parameters": {"binary_data": 1}}]),
+         400, "invalid_parameter"),
     case("v2-bytes-two-dimensional", v2_json(image_input([["QUJD"]], (1, 1))), 400, "invalid_shape"),
     case("v2-bytes-shape-zero", v2_json(image_input([], (0,))), 400, "invalid_shape"),
     case("v2-bytes-shape-10e12", v2_json(image_input(["QUJD"], (10**12,))), 413, "too_many_images"),
@@ -434,6 +444,17 @@ def assert_still_serving(server, reference: dict) -> None:
 def test_hostile_input_gets_its_4xx_json_error(target, strict_server, reference, send, status, code):
     assert_json_error(send(target), status, code)
     assert_still_serving(strict_server, reference)
+
+
+def test_errors_say_it_in_the_apis_words_and_echo_little(target, strict_server):
+    """No library's wording reaches the client (numpy's "Python integer 999 out of bounds for uint8"), and a
+    job id of 5,000 characters is not echoed back whole."""
+    reply = v2_json(pixels([1, 32, 32, 3], [999] * 3072))(target)
+    assert reply.status == 400 and "Python integer" not in reply.body.decode() and "uint8" not in reply.body.decode()
+    long_id = "a" * 5000
+    missing = strict_server.client.get(f"/classify/jobs/{long_id}")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "job_not_found", missing.text
+    assert len(missing.text) < 300 and "5000 characters" in missing.text, missing.text
 
 
 # -- hostile-looking input that is nonetheless a valid image: served, and the extra bytes ignored -------

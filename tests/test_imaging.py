@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from predictor.serving.errors import ApiError
-from predictor.serving.imaging import decode_image, sniff_format
+from predictor.core.errors import ApiError
+from predictor.core.imaging import decode_image, sniff_format
+from predictor.serving.http_errors import http_status
 
 from .conftest import encode
 
@@ -42,26 +43,26 @@ def test_cifar_jpeg_decodes_to_32x32_rgb(cifar_jpegs):
 def test_format_is_decided_by_magic_bytes(data, status):
     with pytest.raises(ApiError) as err:
         decode_image(data)
-    assert err.value.status == status
+    assert http_status(err.value) == status
 
 
 def test_gif_content_refused_even_though_pil_reads_it():
     with pytest.raises(ApiError) as err:
         decode_image(encode(solid("RGB", (32, 32), "red"), "GIF"))
-    assert err.value.status == 415 and err.value.code == "unsupported_media_type"
+    assert http_status(err.value) == 415 and err.value.code == "unsupported_media_type"
 
 
 def test_truncated_jpeg_is_400(cifar_jpegs):
     data = next(iter(cifar_jpegs.values()))
     with pytest.raises(ApiError) as err:
         decode_image(data[: len(data) // 2])
-    assert err.value.status == 400 and err.value.code == "invalid_image"
+    assert http_status(err.value) == 400 and err.value.code == "invalid_image"
 
 
 def test_garbage_after_magic_is_400():
     with pytest.raises(ApiError) as err:
         decode_image(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20)
-    assert err.value.status == 400
+    assert http_status(err.value) == 400
 
 
 def test_huge_declared_dimensions_refused_before_decoding():
@@ -70,7 +71,7 @@ def test_huge_declared_dimensions_refused_before_decoding():
         assert len(bomb) < 200
         with pytest.raises(ApiError) as err:
             decode_image(bomb)
-        assert err.value.status == 413 and err.value.code == "image_too_large"
+        assert http_status(err.value) == 413 and err.value.code == "image_too_large"
     assert "5000x10" in err.value.message
 
 

@@ -18,8 +18,7 @@ import yaml
 from predictor.cifar import CLASSES
 
 from .conftest import IMAGES, ROOT, Server, wait_until
-from .deploy_common import (CHART, NAMESPACE, PROMTOOL, RELEASE, SEED_QUERIES, Prometheus, one, render, rules_file, run,
-                            tool)
+from .deploy_common import CHART, NAMESPACE, PROMTOOL, RELEASE, SEED_QUERIES, Prometheus, one, render, rules_file, run, tool
 
 DRIFT = "Cifar10ClassifierClassMixDrift"
 JOBS_WAITING = "Cifar10ClassifierJobsWaiting"

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from predictor.core.imaging import decode_image
 from predictor.engines.reference import ReferenceNetwork, check_state
 from predictor.engines.selection import fp32_classes
 from predictor.network import normalize
 from predictor.serving.explain import grad_cam
-from predictor.serving.imaging import decode_image
 from predictor.weights import PACKAGED_DIR, WeightsError, calibration_images, load_model, read_state, verified_weights
 
 pytestmark = pytest.mark.slow

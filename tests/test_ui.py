@@ -14,8 +14,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
-from .conftest import IMAGES, Server
-from .test_api import assert_error
+from .conftest import IMAGES, Server, assert_error
 
 KEY = "ui-test-key-3b1f0c"
 SHOWN = ["cat_0000.jpg", "ship_0000.jpg", "horse_0001.jpg", "truck_0000.jpg"]

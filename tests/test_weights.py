@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from predictor.cifar import CLASSES
+from predictor.core.imaging import decode_image
 from predictor.network import build_resnet18, normalize
-from predictor.serving.imaging import decode_image
 from predictor.weights import CARD_FILE, PACKAGED_DIR, WEIGHTS_FILE, WeightsError, load_model, sha256_of
 
 from .conftest import ROOT

@@ -10,10 +10,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from predictor.app import install
 from predictor.config import Settings, default_model_dir
+from predictor.core.security import ApiKeys
 from predictor.model import Cifar10Classifier
-from predictor.serving.app import install
-from predictor.serving.security import ApiKeys
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_serving_imports_no_build_time_code():
     import subprocess
     import sys
 
-    script = ("import sys; from fastapi import FastAPI; from predictor.__main__ import main; from predictor.serving.app import install; "
+    script = ("import sys; from fastapi import FastAPI; from predictor.__main__ import main; from predictor.app import install; "
               "from predictor.config import Settings, default_model_dir; from predictor.model import Cifar10Classifier; "
               "model = Cifar10Classifier('m', Settings(model_dir=default_model_dir())); model.load(); install(FastAPI(), model); "
               "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('predictor', 'torch'))))")
@@ -81,27 +81,27 @@ def test_a_failed_forward_pass_is_a_500_inference_error_that_names_no_internals(
     """The engine failing under a request (injected after a real load: the engine is the dependency, the
     error path is what is tested): 500 inference_error with the fixed message; the engine's own text stays
     in the log; the next pass serves again."""
-    from predictor.serving.batcher import FORWARD_FAILED
+    from predictor.core.batcher import FORWARD_FAILED
 
     model = Cifar10Classifier("faulty", Settings(model_dir=default_model_dir(), rate_limit_per_minute=0))
     model.load()
     app = FastAPI()
     install(app, model)
-    working = model.batcher.forward
+    working = model.dataplane.batcher.forward
 
     def failing(images):
         raise RuntimeError("CUDA error: an illegal memory access at /opt/venv/secret.py:42")
 
     name, data = next(iter(cifar_jpegs.items()))
-    model.batcher.forward = failing
+    model.dataplane.batcher.forward = failing
     failed = call(app, "POST", "/classify/image", files={"file": (name, data, "image/jpeg")})
     assert failed.status_code == 500 and failed.json() == {"error": {"code": "inference_error", "message": FORWARD_FAILED}}
     # gRPC maps the same failure to the same error (then to INTERNAL with its message).
     from kserve.errors import InferenceError
 
-    from predictor.serving.error_handlers import as_api_error
+    from predictor.serving.http_errors import as_api_error, http_status
 
     error = as_api_error(InferenceError(FORWARD_FAILED), "test")
-    assert (error.status, error.code, error.message) == (500, "inference_error", FORWARD_FAILED)
-    model.batcher.forward = working
+    assert (http_status(error), error.code, error.message) == (500, "inference_error", FORWARD_FAILED)
+    model.dataplane.batcher.forward = working
     assert call(app, "POST", "/classify/image", files={"file": (name, data, "image/jpeg")}).status_code == 200

@@ -3,7 +3,6 @@
 
 import base64
 import concurrent.futures
-import re
 import tempfile
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .conftest import MODEL_NAME, Server
+from .conftest import MODEL_NAME, Server, scraped_total
 
 WAVE = 60  # classify calls sent at a time
 MAX_REQUESTS = 600
@@ -44,13 +43,6 @@ def test_every_route_is_served_by_the_workers(two_workers, cifar_jpegs):
             {"name": "input-0", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": pixels}]})
         assert v2.status_code == 200, v2.text
         assert client.post("/classify/image", files={"file": ("x.jpg", b"not an image", "image/jpeg")}).status_code == 415
-
-
-def scraped_total(url: str, endpoint: str) -> float:
-    # A new connection per scrape, so scrapes land on either worker.
-    text = httpx.get(f"{url}/metrics", headers={"Connection": "close"}, timeout=30).text
-    return sum(float(value) for value in re.findall(
-        rf'^api_requests_total\{{[^}}]*endpoint="{re.escape(endpoint)}"[^}}]*\}} (\S+)$', text, re.M))
 
 
 def counted(path, endpoint: str) -> float:

@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 import numpy as np
 
 from predictor.cifar import CLASSES
+from predictor.core.imaging import decode_image
+from predictor.engines.devices import usable_cores
 from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path
-from predictor.engines.selection import usable_cores
-from predictor.serving.imaging import decode_image
 from predictor.weights import PACKAGED_DIR, read_card
 
 __all__ = ["answers", "decode_image", "engine"]

@@ -21,12 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 from fastapi import Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
-from starlette.datastructures import UploadFile  # noqa: E402
 from mlserver import MLModel  # noqa: E402
 from mlserver.codecs import NumpyCodec  # noqa: E402
 from mlserver.context import model_context  # noqa: E402
 from mlserver.handlers import custom_handler  # noqa: E402
 from mlserver.types import InferenceRequest, InferenceResponse  # noqa: E402
+from starlette.datastructures import UploadFile  # noqa: E402
 
 from bench.peers.common import answers, decode_image, engine  # noqa: E402
 

@@ -13,19 +13,19 @@ instruction set. Every shipped precision keeps validation accuracy within 0.3 po
 `predictor.training.evaluate --precision`).
 Compiled paths are compiled and warmed up at load, before the server reports ready.
 This module imports no torch: the torch engine (predictor.engines.torch_engine) is imported only when it serves.
+What the device offers (GPU, driver, CPU flags, cores) is predictor.engines.devices.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from predictor.engines.devices import EngineError, resolve_device, torch_installed, without_torch
 from predictor.weights import WeightsError
 
 if TYPE_CHECKING:
@@ -34,31 +34,11 @@ if TYPE_CHECKING:
     from predictor.engines.reference import ReferenceNetwork
 
 log = logging.getLogger("predictor")
-CPU_PRECISIONS = ("fp32", "bf16", "int8")
-CUDA_PRECISIONS = ("fp16", "bf16", "fp32")
-# The CUDA 13 wheels' runtime needs at least this NVIDIA driver (major version).
-MIN_CUDA_DRIVER = 580
 # Share of the calibration images on which a reduced-precision CPU engine (int8, bf16) must pick the
 # fp32 network's class.
 MIN_AGREEMENT = 0.98
 # CPU precisions whose numbers differ from fp32 enough to need that check before serving.
 GATED_CPU_PRECISIONS = ("int8", "bf16")
-
-
-class EngineError(Exception):
-    """The engine asked for cannot run here (no GPU, driver too old, no compiler, no int8 graph)."""
-
-
-def usable_cores() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a pod's limit)."""
-    cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
 
 
 def choose_engine(requested: str, device: str, precision: str, onnx_int8_ships: bool) -> str:
@@ -73,56 +53,6 @@ def choose_engine(requested: str, device: str, precision: str, onnx_int8_ships: 
         if not onnx_int8_ships:
             raise EngineError("--engine onnx: the model directory has no int8 ONNX graph")
     return requested
-
-
-def nvidia_gpu_visible() -> bool:
-    """Whether the NVIDIA driver exposes a device to this process (the device plugin mounts these)."""
-    return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/gpus").is_dir()
-
-
-def torch_installed() -> bool:
-    """Whether torch can be imported here (the CPU image has none), without importing it."""
-    return importlib.util.find_spec("torch") is not None
-
-
-def without_torch(what: str) -> EngineError:
-    return EngineError(f"{what} needs torch, which this installation does not have (the CPU image serves ONNX Runtime "
-                       "int8 only): use the CUDA image, or the defaults (--engine auto --precision auto --device auto)")
-
-
-def cuda_available() -> bool:
-    """torch sees a usable GPU; torch is imported only when the driver shows one, so that a CPU node's
-    `auto` never loads it (and without torch, as in the CPU image, `auto` serves on the CPU)."""
-    if not nvidia_gpu_visible() or not torch_installed():
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def resolve_device(requested: str) -> str:
-    """'cpu' or 'cuda'. Asking for cuda where no usable GPU is present stops the process: serving on
-    the CPU while holding (and being billed for) a GPU would hide the problem."""
-    if requested == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    if requested == "cuda":
-        if not torch_installed():
-            raise without_torch("--device cuda")
-        if not cuda_available():
-            driver = _nvidia_driver_version()
-            if driver is not None and driver < MIN_CUDA_DRIVER:
-                raise EngineError(f"--device cuda: NVIDIA driver {driver} is too old for this image's CUDA 13 runtime "
-                                  f"(needs >= {MIN_CUDA_DRIVER})")
-            raise EngineError("--device cuda: no usable GPU is visible to this process "
-                              "(is the NVIDIA device plugin giving the pod a GPU?)")
-    return requested
-
-
-def _nvidia_driver_version() -> int | None:
-    try:
-        return int(Path("/proc/driver/nvidia/version").read_text().split("Kernel Module")[1].split()[0].split(".")[0])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def build_engine(card: dict, model_dir: Path | None, *, reference: ReferenceNetwork,
@@ -180,12 +110,3 @@ def check_agreement(runner, expected: np.ndarray, calibration: np.ndarray) -> fl
     log.info("%s engine agrees with the fp32 network on %.1f%% of %d calibration images", runner.precision,
              100 * agreement, len(calibration))
     return agreement
-
-
-def cpu_has(feature: str) -> bool:
-    """Whether /proc/cpuinfo lists a CPU flag (Linux; False elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return any(line.startswith("flags") and feature in line.split() for line in fh)
-    except OSError:
-        return False

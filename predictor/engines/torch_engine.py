@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from predictor.engines.selection import CPU_PRECISIONS, CUDA_PRECISIONS, EngineError, cpu_has, resolve_device
+from predictor.engines.devices import CPU_PRECISIONS, CUDA_PRECISIONS, EngineError, cpu_has, resolve_device
 from predictor.network import normalize
 from predictor.weights import WeightsError
 
@@ -49,6 +49,23 @@ def resolve_precision(requested: str, device: torch.device, verifiable: bool,
     if choice not in allowed:
         raise EngineError(f"--precision {choice} is not available on {device.type} (choose from {', '.join(allowed)})")
     return choice
+
+
+def quantize_pt2e_int8(model: torch.nn.Module, calibration: np.ndarray, max_batch_size: int) -> torch.nn.Module:
+    """fp32 network -> PT2E int8 graph (x86 inductor backend) (batch dimension dynamic up to max_batch_size), calibrated."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    example = normalize(torch.from_numpy(calibration[:2]))
+    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
+    # strict export: the non-strict one fails in the quantizer's annotation pass (torchao 0.18)
+    graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=True).module()
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for start in range(0, len(calibration), 32):
+            prepared(normalize(torch.from_numpy(calibration[start:start + 32])))
+    return convert_pt2e(prepared)
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -97,9 +114,7 @@ class InferenceEngine:
         if self.precision == "int8":
             if calibration is None:
                 raise WeightsError("int8 needs the calibration images shipped with the weights")
-            from predictor.training.quantize import quantize_int8
-
-            model = quantize_int8(model, calibration, self.max_batch_size)
+            model = quantize_pt2e_int8(model, calibration, self.max_batch_size)
             compile = True  # the quantized graph is only fast once inductor fuses it
         input_dtype = torch.float32
         autocast = nullcontext

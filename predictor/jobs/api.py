@@ -22,9 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from predictor.jobs.core import JOBS, TERMINAL, Job, JobStore, JobWorker, StoreUnavailable
-from predictor.serving.errors import (
-    ApiError,
+from predictor.core.errors import (
     Conflict,
     InvalidRequest,
     NotFound,
@@ -33,7 +31,9 @@ from predictor.serving.errors import (
     Unavailable,
     UnprocessableRequest,
 )
-from predictor.serving.security import RateLimiter
+from predictor.core.security import RateLimiter
+from predictor.jobs.core import JOBS, TERMINAL, Job, JobStore, JobWorker
+from predictor.serving.http_errors import BodyRefused
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # A page is serialised in one piece on the event loop: 1,000 results are ~250 KB.
@@ -87,6 +87,7 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
 
     @asynccontextmanager
     async def lifespan(_app):
+        store.start()
         worker.start()
         yield
         await worker.stop()
@@ -108,13 +109,15 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
         caller = owner(request)
         job = await store.get(job_id) if _JOB_ID.match(job_id) else None
         if job is None or job.owner != caller:  # another key's job is as invisible as a missing one
-            raise NotFound("job_not_found", f"No job {job_id!r} (it may have expired).")
+            raise NotFound("job_not_found", f"No job {shown(job_id)} (it may have expired).")
         return job
 
     async def read_files(request: Request) -> list[bytes]:
         try:
             # Parts beyond max_files + 1 stop the parser at once: each costs ~1 KB however small.
             form = await request.form(max_files=max_files + 1, max_fields=8)
+        except BodyRefused:  # the guard's size limit, met while the parser read the body
+            raise
         except HTTPException as exc:  # the parser's refusals: too many parts, malformed multipart
             if str(exc.detail).startswith("Too many files"):
                 raise PayloadTooLarge("too_many_files", f"More than {max_files} files per job.") from None
@@ -150,10 +153,7 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
         queued.reserve(account, size)
         try:
             data = await read_files(request)
-            try:
-                job = await store.create(caller, data, top_k, chunk_size, account=account)
-            except StoreUnavailable:
-                raise unavailable() from None
+            job = await store.create(caller, data, top_k, chunk_size, account=account)
         finally:
             queued.release(account, size)
         JOBS.labels("queued").inc()
@@ -169,30 +169,29 @@ def build_jobs_router(store: JobStore, worker: JobWorker, limiter: RateLimiter |
                      limit: int = Query(MAX_PAGE, ge=1, le=MAX_PAGE, description="results per page")):
         """{"job_id", "status", "progress": {"done", "total"}, "model_version", "created_at", "finished_at", ...};
         once succeeded, `results` [offset, offset + limit) in input order and `next_offset` (null on the last page)."""
-        try:
-            job = await owned(request, job_id)
-            body = describe(job)
-            if job.status == "succeeded":
-                # Stored as JSON, sent as is: decoding and re-encoding a page cost more than the read.
-                body["results"] = orjson.Fragment(b"[" + b",".join(await store.raw_results(job_id, offset, limit)) + b"]")
-                body["next_offset"] = offset + limit if offset + limit < job.total else None
-        except StoreUnavailable:
-            raise unavailable() from None
+        job = await owned(request, job_id)
+        body = describe(job)
+        if job.status == "succeeded":
+            # Stored as JSON, sent as is: decoding and re-encoding a page cost more than the read.
+            body["results"] = orjson.Fragment(b"[" + b",".join(await store.raw_results(job_id, offset, limit)) + b"]")
+            body["next_offset"] = offset + limit if offset + limit < job.total else None
         return Response(orjson.dumps(body), media_type="application/json")
 
     @router.delete("/classify/jobs/{job_id}", summary="Cancel a job that has not finished")
     async def cancel(request: Request, job_id: str):
         """Cancels a queued or running job (chunks already computed stay computed); 409 once it has finished."""
-        try:
-            job = await owned(request, job_id)
-            if job.status in TERMINAL or not await store.cancel(job_id):
-                raise Conflict("job_finished", f"Job {job_id} has already finished ({job.status}).")
-            JOBS.labels("cancelled").inc()
-            return describe(await store.get(job_id))
-        except StoreUnavailable:
-            raise unavailable() from None
+        job = await owned(request, job_id)
+        if job.status in TERMINAL or not await store.cancel(job_id):
+            raise Conflict("job_finished", f"Job {job_id} has already finished ({job.status}).")
+        JOBS.labels("cancelled").inc()
+        return describe(await store.get(job_id))
 
     return router
+
+
+def shown(job_id: str) -> str:
+    """A job id as an error message may echo it: a caller's input, so at most a valid id's length of it."""
+    return repr(job_id) if len(job_id) <= 32 else f"{job_id[:32]!r}... ({len(job_id)} characters)"
 
 
 def describe(job: Job) -> dict:
@@ -202,8 +201,3 @@ def describe(job: Job) -> dict:
         body["error"] = {"code": "job_failed", "message": job.error}
     return body
 
-
-def unavailable() -> ApiError:
-    # Which Redis, and what it said, is in the log: neither is the client's business.
-    return Unavailable("job_store_unavailable", "The job store (Redis) cannot be reached; retry shortly.",
-                    {"Retry-After": "5"})

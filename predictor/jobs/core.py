@@ -19,7 +19,7 @@ from typing import Protocol
 import orjson
 from prometheus_client import Counter, Gauge
 
-from predictor.serving.errors import ApiError
+from predictor.core.errors import ApiError, Unavailable
 
 log = logging.getLogger("predictor")
 
@@ -37,8 +37,14 @@ JOB_OLDEST_QUEUED_AGE = Gauge("predictor_job_oldest_queued_age_seconds",
 Classify = Callable[[list[bytes | ApiError], int | None, str | None], Awaitable[list[dict | ApiError]]]
 
 
-class StoreUnavailable(Exception):
-    """The job store cannot be reached (Redis down): callers get a clear 503, never a 500."""
+class StoreUnavailable(Unavailable):
+    """The job store cannot be reached (Redis down): callers get a clear 503, never a 500. What Redis
+    said (`detail`) is for the log only: which Redis, and its words, are not the client's business."""
+
+    def __init__(self, detail: str):
+        super().__init__("job_store_unavailable", "The job store (Redis) cannot be reached; retry shortly.",
+                         {"Retry-After": "5"})
+        self.detail = detail
 
 
 @dataclass
@@ -96,6 +102,7 @@ class JobStore(Protocol):
     async def abandon(self, chunk: Chunk, reason: str) -> str | None: ...  # 'failed' if it ended the job
     async def keep_alive(self, consumer: str, chunk: Chunk) -> None: ...
     async def stats(self) -> QueueStats: ...
+    def start(self) -> None: ...  # with the app: background work of the store's own (a health probe)
     async def close(self) -> None: ...
 
 
@@ -172,7 +179,7 @@ class JobWorker:
                     await self.work(consumer, chunk)
             except StoreUnavailable as exc:
                 if not store_down:  # once per outage, not once per poll
-                    log.warning("job store unavailable, %s waits for it: %s", consumer, exc)
+                    log.warning("job store unavailable, %s waits for it: %s", consumer, exc.detail)
                     store_down = True
                 await self._pause(1.0)
             except asyncio.CancelledError:

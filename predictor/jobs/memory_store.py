@@ -144,5 +144,8 @@ class MemoryJobStore:
         queued = [e.created for e in self._jobs.values() if e.job.status == "queued" and e.expires >= now]
         return QueueStats(self._queue.qsize(), time.time() - min(queued) if queued else 0.0)
 
+    def start(self) -> None:
+        pass  # nothing remote to watch
+
     async def close(self) -> None:
         self._jobs.clear()

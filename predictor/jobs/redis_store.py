@@ -30,6 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from predictor.core.breaker import Breaker
 from predictor.jobs.core import Chunk, Job, QueueStats, StoreUnavailable, now_iso
 
 log = logging.getLogger("predictor")
@@ -94,6 +95,11 @@ return redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 """
 
 
+# The background health check (`start`): a PING this often, given up after this long.
+PROBE_INTERVAL_S = 0.25
+PROBE_TIMEOUT_S = 0.25
+
+
 def unavailable(exc: Exception) -> BaseException:
     """StoreUnavailable, unless the calling task is being cancelled: redis-py turns a command
     interrupted by cancellation into a connection error, and the cancellation must win."""
@@ -108,12 +114,15 @@ class RedisJobStore:
     workers' blocking stream reads, which need a timeout longer than their block. Like the result
     cache, the store stops calling a Redis that timed out or refused a connection for
     `retry_after_s`: meanwhile every call fails at once (503 for the API) instead of each one
-    waiting out its own timeout while it holds a request slot and its body.
+    waiting out its own timeout while it holds a request slot and its body. `probe_client` (a short
+    timeout) watches Redis in the background once `start`ed, so an outage is found by the probe, not
+    by the first caller.
     """
 
     def __init__(self, client: redis.Redis, ttl_s: int, visibility_timeout_s: float, model: str = "model",
                  version: str = "unversioned", blocking_client: redis.Redis | None = None,
-                 retry_after_s: float = 2.0, clock=time.monotonic, model_version: str | None = None):
+                 retry_after_s: float = 2.0, clock=time.monotonic, model_version: str | None = None,
+                 probe_client: redis.Redis | None = None):
         self.redis = client
         self.blocking = blocking_client or client
         self.model_version = model_version or version
@@ -122,9 +131,9 @@ class RedisJobStore:
                                                 f"jobs:{model}:{version}:queued")
         self.ttl_s = ttl_s
         self.visibility_ms = int(visibility_timeout_s * 1000)
-        self.retry_after_s = retry_after_s
-        self.clock = clock
-        self._down_until: float | None = None
+        self._breaker = Breaker("job store", retry_after_s, clock)
+        self.probe = probe_client  # None: no background health check
+        self._watcher: asyncio.Task | None = None
         self._complete = client.register_script(_COMPLETE)
         self._finish = client.register_script(_FINISH)
         self._start = client.register_script(_START)
@@ -135,24 +144,17 @@ class RedisJobStore:
     async def _calling(self):
         """Around every Redis call: fail at once while the breaker is open; open it on a timeout or a
         connection failure; close it on success. Redis's own words go to the log, not to clients."""
-        if self._down_until is not None and self.clock() < self._down_until:
+        if not self._breaker.usable():
             raise StoreUnavailable("Redis was unreachable moments ago")
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
             self._group_ready = False  # a restarted Redis has lost the group: recreate it on the next call
-            error = unavailable(exc)
-            if isinstance(error, StoreUnavailable):
-                if self._down_until is None:  # once per outage
-                    log.warning("job store: Redis unavailable (%s); job calls fail at once for %g s at a time",
-                                exc, self.retry_after_s)
-                self._down_until = self.clock() + self.retry_after_s
-            raise error from exc
+            self._breaker.failed(exc, "job calls fail at once")
+            raise StoreUnavailable(str(exc)) from exc
         except RedisError as exc:
             raise unavailable(exc) from exc
-        if self._down_until is not None:
-            log.info("job store: Redis reachable again")
-            self._down_until = None
+        self._breaker.succeeded()
 
     def _key(self, job_id: str) -> str:
         return f"{self._job_prefix}{job_id}"
@@ -315,7 +317,18 @@ class RedisJobStore:
             oldest = await self._oldest_queued(keys=[self.queued], args=[self._job_prefix])
         return QueueStats(chunks, time.time() - float(oldest[1]) if oldest else 0.0)
 
+    def start(self) -> None:
+        """Watch Redis with a PING every PROBE_INTERVAL_S (its own client, PROBE_TIMEOUT_S): a Redis that
+        stopped answering opens the breaker within about half a second, so the next job call is refused
+        at once instead of waiting out the API client's timeout."""
+        if self.probe is not None and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._breaker.watch(self.probe.ping, PROBE_INTERVAL_S))
+
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            await self.probe.aclose()
         await self.redis.aclose()
         if self.blocking is not self.redis:
             await self.blocking.aclose()

@@ -1,1 +1,2 @@
-"""The request path: HTTP and gRPC routes, gates, decoding, batching, errors and metrics."""
+"""The edges: HTTP routes and their guard, admission shared with gRPC, the gRPC server, the OpenAPI
+document, the demo page, explanations, the mapping of domain errors to each protocol, KServe's patches."""

@@ -6,8 +6,8 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from predictor.core.errors import NotFound
 from predictor.model import Cifar10Classifier
-from predictor.serving.errors import NotFound
 
 UI_DIR = Path(__file__).parents[1] / "ui"
 # Everything the page loads comes from this server (no CDN is reachable from a cluster); its images

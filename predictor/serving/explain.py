@@ -21,11 +21,12 @@ import numpy as np
 from fastapi import APIRouter, Query, Request
 from PIL import Image
 
+from predictor import payloads
 from predictor.cifar import CLASSES, IMAGE_SIZE
+from predictor.core import metrics
+from predictor.core.errors import InvalidRequest, NotFound, Overloaded, Unavailable
 from predictor.engines.reference import ReferenceNetwork
 from predictor.model import Cifar10Classifier
-from predictor.serving import metrics, payloads
-from predictor.serving.errors import InvalidRequest, NotFound, Overloaded, Unavailable
 
 OVERLAY_SCALE = 4  # the 32x32 overlay is upscaled 4x (128x128) so a person can see it
 OVERLAY_ALPHA = 0.5  # share of the heat-map's colour in the overlay
@@ -181,13 +182,13 @@ def build_explain_router(model: Cifar10Classifier) -> APIRouter:
         images = np.stack(prepared.slots)
         # Grad-CAM and the PNGs off the event loop, outside the prediction batcher.
         explanations = await pool.run(lambda: [e.body(image) for e, image in zip(
-            grad_cam(model.reference, images, target, model.temperature), images)])
+            grad_cam(model.reference, images, target, model.dataplane.temperature), images)])
         return {
             "model_name": model.name,
             "model_version": model.version,
             "method": f"grad-cam on {LAYER}",
             "explained_precision": "fp32",
-            "served_precision": model.runner.precision,
+            "served_precision": model.dataplane.engine.precision,
             "explanations": explanations,
         }
 

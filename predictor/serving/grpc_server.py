@@ -4,7 +4,7 @@ KServe's gRPC server also serves the multi-model repository API (`RepositoryMode
 unauthenticated: one unload takes this single-model server out of service. Over HTTP that API is a
 404 (predictor.serving.guard); here it answers UNIMPLEMENTED, as a server without the repository extension does.
 
-Every `ModelInfer` passes the HTTP guard's gates (predictor.serving.guard.Gates: the same code, the same
+Every `ModelInfer` passes the HTTP calls' gates (predictor.serving.admission.Gates: the same code, the same
 rate-limit buckets and in-flight count), in the same order: refused while draining (UNAVAILABLE) ->
 API key from `authorization: Bearer` or `x-api-key` metadata (UNAUTHENTICATED) -> rate limit
 (RESOURCE_EXHAUSTED) -> in-flight limit (UNAVAILABLE) -> counted in flight and run under the smaller
@@ -12,7 +12,7 @@ of the caller's gRPC deadline and --request_timeout_s (DEADLINE_EXCEEDED) -> cou
 api_requests_total{endpoint="v2_infer"} with the HTTP status its outcome corresponds to. Messages over
 --max_body_bytes are refused by the transport (RESOURCE_EXHAUSTED) before anything is parsed.
 Errors are the HTTP API's, as gRPC status codes; a bad request is never INTERNAL.
-`predictor.serving.kserve_compat.use_guarded_grpc` makes KServe's ModelServer build this server instead of its own.
+`predictor.serving.kserve_compat.use_grpc_server` makes KServe's ModelServer build this server instead of its own.
 """
 
 import asyncio
@@ -27,33 +27,49 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc import server as kserve_grpc
 from kserve.protocol.grpc.servicer import InferenceServicer
 
-from predictor.serving import metrics
-from predictor.serving.error_handlers import as_api_error
-from predictor.serving.errors import (
+from predictor.core import metrics
+from predictor.core.errors import (
+    ApiError,
+    Conflict,
     DeadlineExceeded,
+    InferenceFailed,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
     Unimplemented,
+    UnprocessableRequest,
+    UnsupportedMediaType,
 )
-from predictor.serving.guard import Gates
-from predictor.serving.payloads import SERVER_EXTENSIONS
+from predictor.payloads import SERVER_EXTENSIONS
+from predictor.serving.admission import Gates
+from predictor.serving.http_errors import as_api_error, http_status
 
 log = logging.getLogger("predictor")
 
 REPOSITORY_REFUSED = "The model repository API is not served by this predictor."
 _INFER = "/inference.GRPCInferenceService/ModelInfer"
-_STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-                 403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-                 409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                 429: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED,
-                 500: grpc.StatusCode.INTERNAL, 501: grpc.StatusCode.UNIMPLEMENTED,
-                 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+# Each domain kind's gRPC code (a subclass answers as its kind).
+_GRPC_CODES: dict[type[ApiError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT, UnprocessableRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    UnsupportedMediaType: grpc.StatusCode.INVALID_ARGUMENT, MethodNotAllowed: grpc.StatusCode.UNIMPLEMENTED,
+    Unauthorized: grpc.StatusCode.UNAUTHENTICATED, NotFound: grpc.StatusCode.NOT_FOUND,
+    Conflict: grpc.StatusCode.FAILED_PRECONDITION, PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED, InternalError: grpc.StatusCode.INTERNAL,
+    InferenceFailed: grpc.StatusCode.INTERNAL, Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE, DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 # HTTP/2 forbids connection-specific headers in metadata.
 _NOT_METADATA = {"connection"}
 
 
-def status_code(http_status: int) -> grpc.StatusCode:
-    """The gRPC code of an HTTP status (another 4xx: INVALID_ARGUMENT; another 5xx: INTERNAL)."""
-    return _STATUS_CODES.get(http_status, grpc.StatusCode.INVALID_ARGUMENT if http_status < 500 else grpc.StatusCode.INTERNAL)
+def status_code(error: ApiError) -> grpc.StatusCode:
+    """The gRPC code of a domain error's kind."""
+    return next((_GRPC_CODES[kind] for kind in type(error).__mro__ if kind in _GRPC_CODES), grpc.StatusCode.INTERNAL)
 
 
 def _metadata(headers: dict | None, extra: list[tuple[bytes, bytes]] = ()) -> tuple[tuple[str, str], ...]:
@@ -86,6 +102,7 @@ class GateInterceptor(aio.ServerInterceptor):
         admit = handler_call_details.method == _INFER
 
         async def guarded(request, context: aio.ServicerContext):
+            """`request`: the message, or for ModelInfer the stream it is still to be read from."""
             started, status, error, extra = time.perf_counter(), 500, None, []
             try:
                 response = await (self._admitted(behavior, request, context, extra) if admit
@@ -99,20 +116,24 @@ class GateInterceptor(aio.ServerInterceptor):
                 raise
             except Exception as exc:  # noqa: BLE001: every failure becomes a status code, never a stack trace
                 error = as_api_error(exc, "gRPC")
-                status = error.status
+                status = http_status(error)
             finally:
                 if admit:
-                    metrics.REQUESTS.labels("v2_infer", "success" if status < 400 else "error", str(status)).inc()
-                    metrics.LATENCY.labels("v2_infer").observe(time.perf_counter() - started)
-            await context.abort(status_code(error.status), error.message,
+                    metrics.record_call("v2_infer", status, time.perf_counter() - started)
+            await context.abort(status_code(error), error.message,
                                 trailing_metadata=_metadata(error.headers, extra))
 
-        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        # ModelInfer is served as a client-streaming method (the same bytes on the wire), so that the gates
+        # run on its metadata before its message, up to --max_body_bytes, is received and parsed: a
+        # unary handler is only called once the whole message is in memory.
+        make = grpc.stream_unary_rpc_method_handler if admit else grpc.unary_unary_rpc_method_handler
+        return make(guarded, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
 
-    async def _admitted(self, behavior, request, context: aio.ServicerContext, extra: list):
-        """The gates, then the call counted in flight under the smaller of both deadlines; the
-        rate-limit headers (sent as trailing metadata) are appended to `extra`."""
+    async def _admitted(self, behavior, requests, context: aio.ServicerContext, extra: list):
+        """The gates (on the call's metadata and peer alone), then the call counted in flight under the
+        smaller of both deadlines, its message read from `requests` within it; the rate-limit headers
+        (sent as trailing metadata) are appended to `extra`."""
         gates = self.gates
         scope = {"headers": [(k.lower().encode(), v.encode("latin-1")) for k, v in context.invocation_metadata() or ()
                              if not k.endswith("-bin")],
@@ -125,6 +146,9 @@ class GateInterceptor(aio.ServerInterceptor):
         with gates.drain.admitted():
             try:
                 async with asyncio.timeout(timeout_s):
+                    request = await anext(aiter(requests), None)
+                    if request is None:
+                        raise InvalidRequest("invalid_request", "The call carried no ModelInferRequest message.")
                     response = await behavior(request, context)
             except TimeoutError:
                 raise DeadlineExceeded(timeout_s) from None
@@ -139,6 +163,15 @@ class GuardedServicer(InferenceServicer):
         super().__init__(data_plane, model_repository_extension)
         self.gates = gates
 
+    def _served(self, name: str, version: str):
+        """The model `name`, when `version` is empty or the one version served (the weights': ModelMetadata's
+        `versions`); no other exists."""
+        model = self._data_plane.get_model_from_registry(name)
+        if version and version != model.version:
+            raise NotFound("not_supported", f"Model {model.name} has no version {version!r}; "
+                                            f"it serves version {model.version!r} only.")
+        return model
+
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context):
         raise Unimplemented("not_supported", REPOSITORY_REFUSED)
 
@@ -147,10 +180,7 @@ class GuardedServicer(InferenceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context):
         """The proto's fields only (KServe's would pass the REST metadata's `parameters`, which the proto lacks)."""
-        model = self._data_plane.get_model_from_registry(request.name)
-        if request.version and request.version != model.version:
-            raise NotFound("not_supported", f"Model {model.name} has no version {request.version!r}; "
-                                                 f"it serves version {model.version!r} only.")
+        model = self._served(request.name, request.version)
 
         def tensors(types: list[dict]) -> list:
             return [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"])
@@ -165,11 +195,7 @@ class GuardedServicer(InferenceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context):
         if request.model_version:
-            # The one version served is the weights' (ModelMetadata's `versions`); no other exists.
-            model = self._data_plane.get_model_from_registry(request.model_name)
-            if request.model_version != model.version:
-                raise NotFound("not_supported", f"Model {model.name} has no version {request.model_version!r}; "
-                                                     f"it serves version {model.version!r} only.")
+            self._served(request.model_name, request.model_version)
         return await super().ModelInfer(request, context)
 
     async def ServerReady(self, request, context):
@@ -204,7 +230,7 @@ class GuardedGRPCServer(kserve_grpc.GRPCServer):
         await self._server.wait_for_termination()
 
     def _gates(self) -> Gates:
-        """The gates the HTTP side of this process uses (predictor.serving.app.install); with --workers N the
+        """The gates the HTTP side of this process uses (predictor.app.install); with --workers N the
         HTTP side lives in the worker processes, and this process's gRPC calls get gates of their own."""
         (model,) = self._data_plane.model_registry.get_models().values()
         return getattr(model, "gates", None) or Gates.build(model.settings, model.drain)

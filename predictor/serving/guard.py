@@ -1,14 +1,15 @@
-"""The HTTP guard in front of every route: drain, API keys, rate limit, body limit, deadline, metrics.
+"""The HTTP guard in front of every route: the HTTP side of admission, body limits and decoding, metrics.
 
 A pure-ASGI middleware, so it sees each request before FastAPI parses anything. Every prediction
-call, whatever its protocol (multipart, v1, v2 JSON, v2 binary), passes the same gates in this order:
-refuse while draining (503) -> authenticate (401) -> rate-limit (429) -> shed when the replica is
-saturated (503) -> refuse a declared oversized body (413) -> count it in flight and run it under the
-request deadline (504), its body read (and, streamed, cut off at the limit: 413) inside that deadline
--> record api_* metrics. Admitted calls carry `request.state.caller` (the identity the rate limit
-counted) and `request.state.api_key_id` (a digest of the presented key; None without keys), so
-routes can tie what they create to its owner. Reading or cancelling a job passes the same gates,
-with a rate limit of its own (polling must not eat the caller's prediction budget, nor escape one).
+call, whatever its protocol (multipart, v1, v2 JSON, v2 binary), passes predictor.serving.admission's
+gates first (drain 503 -> key 401 -> rate 429 -> in-flight 503), then: refuse a declared oversized body
+(413) -> count it in flight and run it under the request deadline (504), its body read (and, streamed,
+cut off at the limit: 413; gzip/deflate decoded under the same limit) inside that deadline -> record
+api_* metrics. Admitted calls carry `request.state.caller` (the identity the rate limit counted) and
+`request.state.api_key_id` (a digest of the presented key; None without keys), so routes can tie what
+they create to its owner. Reading or cancelling a job passes the same gates, with a rate limit of its
+own (polling must not eat the caller's prediction budget, nor escape one). It also makes up for what
+Starlette and KServe do not: HEAD as GET, a 405's full Allow, versioned v2 paths, no repository API.
 """
 
 import asyncio
@@ -18,24 +19,20 @@ import zlib
 
 from starlette.routing import Match
 
-from predictor.config import Settings
-from predictor.serving import metrics
-from predictor.serving.drain import Drain
-from predictor.serving.errors import (
-    OIP_ERRORS,
+from predictor.core import metrics
+from predictor.core.errors import (
     ApiError,
     DeadlineExceeded,
     InvalidRequest,
-    Overloaded,
+    MethodNotAllowed,
+    NotFound,
     PayloadTooLarge,
-    RateLimited,
-    Unauthorized,
     Unavailable,
     UnsupportedMediaType,
-    error_response,
 )
-from predictor.serving.payloads import v2_binary_framing_error
-from predictor.serving.security import RateLimiter, caller_identity, key_id, presented_key
+from predictor.payloads import v2_binary_framing_error
+from predictor.serving.admission import Gates
+from predictor.serving.http_errors import OIP_ERRORS, BodyRefused, error_response
 
 # Calls that need a key (when keys are configured), are rate-limited and count in api_*, with the
 # endpoint label they are counted under: the seed's names (a fixed set, so paths cannot explode it).
@@ -72,71 +69,13 @@ def prediction_endpoint(method: str, path: str) -> str | None:
     return None
 
 
-class Gates:
-    """The admission gates of a prediction call, whatever carries it (the HTTP guard below, the gRPC
-    interceptor in predictor.serving.grpc_server): one implementation, one set of rate-limit buckets and one
-    in-flight count per process.
-
-    `limiter` is None when the rate limit is off; `drain` is the process's shutdown state and
-    in-flight count, which the callers of `refusal` keep.
-    """
-
-    def __init__(self, settings: Settings, drain: Drain, limiter: RateLimiter | None,
-                 read_limiter: RateLimiter | None = None):
-        self.settings = settings
-        self.drain = drain
-        self.limiter = limiter
-        self.read_limiter = read_limiter  # job reads (JOB_READ_ENDPOINT)
-
-    @classmethod
-    def build(cls, settings: Settings, drain: Drain) -> "Gates":
-        def limiter(per_minute: int) -> RateLimiter | None:
-            return RateLimiter(per_minute) if per_minute > 0 else None
-
-        return cls(settings, drain, limiter(settings.rate_limit_per_minute), limiter(settings.job_reads_per_minute))
-
-    def refusal(self, scope: dict, extra_headers: list, job_read: bool = False) -> ApiError | None:
-        """The error of a call that must not proceed (draining, no key, over its rate, replica saturated), else
-        None. `scope` needs `headers` (lower-case byte pairs) and `client`; the admitted caller is recorded
-        in its `state`; the rate-limit headers of an admitted call are appended to `extra_headers`. A job
-        read (`job_read`) spends the read budget instead of the prediction one."""
-        settings = self.settings
-        limiter = self.read_limiter if job_read else self.limiter
-        if self.drain.draining:
-            return Unavailable("shutting_down", "This replica is shutting down; retry on another.",
-                            {"Retry-After": "1", "Connection": "close"})
-        headers = dict(scope["headers"])
-        key = presented_key(headers)
-        if settings.api_keys.enabled and not settings.api_keys.accepts(key):
-            message = "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
-            return Unauthorized("unauthorized", message if key is None else "The API key is not valid.",
-                            {"WWW-Authenticate": "Bearer"})
-        key = key if settings.api_keys.enabled else None
-        identity = caller_identity(scope, key, settings.trusted_proxy_hops)
-        scope.setdefault("state", {}).update(caller=identity, api_key_id=key_id(key) if key is not None else None)
-        if limiter is not None:
-            decision = limiter.check(identity)
-            extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()
-                                 if k != "Retry-After")
-            if not decision.allowed:
-                return RateLimited("rate_limited",
-                                f"More than {decision.limit} requests per minute; retry in {decision.retry_after_s} s.",
-                                {"Retry-After": str(decision.retry_after_s)})
-        if self.drain.in_flight >= settings.max_in_flight:
-            # Refused before the body is read or FastAPI runs: far above saturation a refusal must
-            # cost much less than a served call, or the refusals themselves swamp the event loop.
-            metrics.SHED.inc()
-            return Overloaded(f"{self.drain.in_flight} calls are already in flight (limit {settings.max_in_flight})")
-        return None
-
-
 class RequestGuard:
     """Pure-ASGI middleware applying the checks above to the prediction routes.
 
     `gates` holds the settings, the drain (the in-flight count this guard keeps) and the limiter.
     """
 
-    def __init__(self, asgi_app, gates: "Gates", version: str | None = None, router=None):
+    def __init__(self, asgi_app, gates: Gates, version: str | None = None, router=None):
         self.app = asgi_app
         self.gates = gates
         self.router = router  # the app's routes (KServe's included once the server starts): for 405s' Allow
@@ -156,19 +95,19 @@ class RequestGuard:
             scope = {**scope, "path": path, "raw_path": path.encode()}
         if scope["method"] != "POST" and prediction_endpoint("POST", scope["path"]) in ("v1_predict", "explain"):
             # Otherwise `GET /v1/models/x:predict` reaches the model-readiness route as model "x:predict".
-            return await error_response(405, "method_not_allowed", f"{scope['method']} is not allowed here; use POST.",
-                                        {"Allow": "POST"})(scope, receive, send)
+            return await error_response(MethodNotAllowed(scope["method"], "POST"))(scope, receive, send)
         if scope["method"] == "HEAD":
             # RFC 9110: HEAD wherever GET works, with GET's headers and no body.
             return await self.app({**scope, "method": "GET"}, receive, _without_body(send))
         send = self._allow_every_method(scope, send)
         settings = self.settings
         if self.drain.draining and _READINESS_PATH.match(scope["path"]):
-            return await error_response(503, "shutting_down", "This replica is shutting down.")(scope, receive, send)
+            return await error_response(Unavailable("shutting_down", "This replica is shutting down."))(
+                scope, receive, send)
         if scope["path"].startswith("/v2/repository/"):
             # KServe's multi-model repository API (load/unload): unauthenticated, and an unload takes
             # this single-model server out of service. Not served.
-            return await error_response(404, "not_found", "The model repository API is not served by this predictor.")(
+            return await error_response(NotFound("not_found", "The model repository API is not served by this predictor."))(
                 scope, receive, send)
         endpoint = prediction_endpoint(scope["method"], scope["path"])
         if endpoint == "v2_infer":
@@ -190,7 +129,7 @@ class RequestGuard:
 
         try:
             refused = self.gates.refusal(scope, extra_headers, job_read=endpoint == JOB_READ_ENDPOINT)
-            refusal = refused.response() if refused is not None else None
+            refusal = error_response(refused) if refused is not None else None
             if refusal is None:
                 refusal = self._declared_too_large(scope, body_limit)
             if refusal is not None:
@@ -199,8 +138,7 @@ class RequestGuard:
                 await self._admitted(scope, receive, send_and_record, status, settings, body_limit)
         finally:
             if endpoint != JOB_READ_ENDPOINT:  # api_* (and the error-ratio alert on them) are prediction calls
-                metrics.REQUESTS.labels(endpoint, "success" if status["code"] < 400 else "error", str(status["code"])).inc()
-                metrics.LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+                metrics.record_call(endpoint, status["code"], time.perf_counter() - started)
 
     async def _other(self, scope, receive, send, limit: int) -> None:
         """Any other route (probes, metadata, metrics, docs): only the body limit applies."""
@@ -216,10 +154,10 @@ class RequestGuard:
 
         try:
             await self.app(scope, self._counting(receive, limit), send_tracked)
-        except ApiError as exc:  # the streamed body passed the limit outside FastAPI's own error handling
+        except (ApiError, BodyRefused) as exc:  # the streamed body passed the limit outside FastAPI's handling
             if started:
                 raise
-            await exc.response()(scope, receive, send)
+            await error_response(exc if isinstance(exc, ApiError) else exc.error)(scope, receive, send)
 
     async def _admitted(self, scope, receive, send, status: dict, settings, body_limit: int) -> None:
         """Run an admitted prediction call, counted in flight, under its deadline: its body (streamed
@@ -240,11 +178,11 @@ class RequestGuard:
             except TimeoutError:
                 if status["started"]:
                     raise
-                await DeadlineExceeded(timeout_s).response()(scope, receive, send)
-            except ApiError as exc:
+                await error_response(DeadlineExceeded(timeout_s))(scope, receive, send)
+            except (ApiError, BodyRefused) as exc:
                 if status["started"]:
                     raise
-                await exc.response()(scope, receive, send)
+                await error_response(exc if isinstance(exc, ApiError) else exc.error)(scope, receive, send)
 
     def _allow_every_method(self, scope, send):
         """A 405's Allow lists every method the path has: Starlette names only the first route whose path
@@ -295,8 +233,8 @@ class RequestGuard:
         """413 for a Content-Length over the limit, before anything is read; else None."""
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return error_response(
-                413, "payload_too_large", f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes.")
+            return error_response(PayloadTooLarge(
+                "payload_too_large", f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes."))
         return None
 
     @staticmethod
@@ -309,8 +247,8 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise PayloadTooLarge("payload_too_large", f"Request body exceeds the limit of {limit} bytes.")
+                if seen > limit:  # raised inside FastAPI's body parsing, which passes on only HTTPExceptions
+                    raise BodyRefused(PayloadTooLarge("payload_too_large", f"Request body exceeds the limit of {limit} bytes."))
             return message
 
         return counted

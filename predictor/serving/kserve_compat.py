@@ -6,12 +6,14 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
   time, /docs off by default), and Prometheus' multiprocess directory with `--workers N`
   (prometheus_client picks its storage when kserve first imports it);
 - `configure_uvicorn`: uvicorn's proxy-header rewriting off in every RESTServer (KServe builds
-  uvicorn's Config and does not expose `proxy_headers`; predictor.serving.security decides the
+  uvicorn's Config and does not expose `proxy_headers`; predictor.core.security decides the
   client), and its access log as `--request_log` says (KServe leaves it on);
-- `use_guarded_grpc`: KServe's ModelServer builds predictor.serving.grpc_server.GuardedGRPCServer (the HTTP
-  gates on gRPC, no model repository API) instead of its GRPCServer;
-- `use_patient_workers`: with `--workers N`, each worker process installs our app before KServe's
-  routes, and may take 60 s instead of 5 s to answer KServe's liveness ping;
+- `use_grpc_server`: KServe's ModelServer builds the given gRPC server class (ours:
+  predictor.serving.grpc_server.GuardedGRPCServer, the HTTP gates on gRPC, no model repository API)
+  instead of its GRPCServer;
+- `use_patient_workers`: with `--workers N`, each worker process runs a given hook on its model
+  before KServe's routes are added (ours installs the app), and may take 60 s instead of 5 s to
+  answer KServe's liveness ping;
 - `without_timing_log`: KServe's TimingMiddleware off the app. Its only output is two `kserve.trace`
   log lines per request (wall and CPU seconds, the route found by matching every route again), which
   `api_request_latency_seconds` already measures; it cost 4 % of the server's time per call;
@@ -22,6 +24,7 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
 `problems()` checks what these patches rely on (names, signatures, attributes KServe's code sets);
 `check_installed()` stops the server with one line per broken assumption when an upgrade breaks one,
 instead of serving without a gate. tests/test_kserve_compat.py holds both to the installed kserve.
+It imports nothing of this package: what it installs is handed to it.
 """
 
 import argparse
@@ -32,6 +35,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 
 import orjson
@@ -97,20 +101,22 @@ def _silence_access_log() -> None:
     access.propagate = False
 
 
-def use_guarded_grpc() -> None:
-    """Make KServe's ModelServer start GuardedGRPCServer for `--enable_grpc true`."""
+def use_grpc_server(server_class: type) -> None:
+    """Make KServe's ModelServer start `server_class` (a subclass of its GRPCServer) for `--enable_grpc true`."""
     from kserve import model_server
 
-    from predictor.serving.grpc_server import GuardedGRPCServer
-
-    model_server.GRPCServer = GuardedGRPCServer
+    model_server.GRPCServer = server_class
 
 
-def use_patient_workers() -> None:
-    """Make KServe's multi-process server start and watch its workers as PatientWorkerProcess."""
+def use_patient_workers(on_worker_start: Callable) -> None:
+    """Make KServe's multi-process server start and watch its workers as PatientWorkerProcess, each of
+    which calls `on_worker_start(model)` for its unpickled model before serving. The hook travels to
+    the spawned process pickled, by reference: it must be a module-level function."""
     from kserve.protocol.rest.multiprocess import server as multiprocess
 
-    multiprocess.RESTServerProcess = _patient_worker_process()
+    worker_class = _patient_worker_process()
+    worker_class.on_worker_start = staticmethod(on_worker_start)
+    multiprocess.RESTServerProcess = worker_class
 
 
 def _patient_worker_process() -> type:
@@ -121,27 +127,29 @@ def _patient_worker_process() -> type:
         return base
 
     class PatientWorkerProcess(base):
-        """A KServe worker process that wires our app first (KServe spawns each worker with the model
-        pickled and has it import `kserve.model_server.app` by name) and whose liveness ping may take
-        WORKER_ANSWER_TIMEOUT_S: a spawned worker answers only once it has imported its libraries and
-        unpickled the model, which takes longer than KServe's 5 s on a busy 2-core node; KServe would
-        kill it and start another, forever."""
+        """A KServe worker process that runs `on_worker_start` on its model first (KServe spawns each
+        worker with the model pickled and has it import `kserve.model_server.app` by name) and whose
+        liveness ping may take WORKER_ANSWER_TIMEOUT_S: a spawned worker answers only once it has
+        imported its libraries and unpickled the model, which takes longer than KServe's 5 s on a busy
+        2-core node; KServe would kill it and start another, forever."""
 
         patient = True
+        on_worker_start: Callable | None = None
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # An instance attribute, so that it is pickled into the spawned process with the rest.
+            self._on_worker_start = type(self).on_worker_start
 
         def is_alive(self, timeout: float = WORKER_ANSWER_TIMEOUT_S) -> bool:
             return super().is_alive(timeout)
 
         def target(self, *args, **kwargs):
             # Runs in the worker process: the REST server it is about to run holds the unpickled model.
-            from kserve import model_server
-
-            from predictor.serving.app import install
-
             rest_server = self._real_target.__self__
-            for model in rest_server.dataplane.model_registry.get_models().values():
-                install(model_server.app, model)
-                configure_uvicorn(model.settings.request_log)  # KServe configures logging again in here
+            if self._on_worker_start is not None:
+                for model in rest_server.dataplane.model_registry.get_models().values():
+                    self._on_worker_start(model)
             return super().target(*args, **kwargs)
 
     PatientWorkerProcess.__module__, PatientWorkerProcess.__qualname__ = __name__, "PatientWorkerProcess"
@@ -214,7 +222,7 @@ def problems() -> list[str]:
     expect("self.config" in _source(init),
            "RESTServer.__init__ no longer sets self.config, the uvicorn Config (configure_uvicorn)")
     expect(hasattr(model_server, "GRPCServer") and "GRPCServer(" in _source(model_server.ModelServer),
-           "ModelServer no longer builds its gRPC server as model_server.GRPCServer (use_guarded_grpc)")
+           "ModelServer no longer builds its gRPC server as model_server.GRPCServer (use_grpc_server)")
     grpc_init = _source(grpc_server.GRPCServer.__init__)
     expect(all(f"self.{name}" in grpc_init for name in ("_data_plane", "_model_repository_extension", "_port", "_kwargs")),
            "GRPCServer.__init__ no longer keeps _data_plane, _model_repository_extension, _port, _kwargs (GuardedGRPCServer)")

@@ -3,7 +3,7 @@
 Generated, it lists the refused repository routes, declares only 200/422 everywhere (while the
 guard and the handlers answer 400/401/404/413/415/429/503/504) and calls `/metrics` JSON. `describe`
 makes the app serve a document with the errors each route gives (in the form its path uses:
-predictor.serving.errors) and the real media types.
+predictor.serving.http_errors) and the real media types.
 """
 
 from fastapi import FastAPI
@@ -16,17 +16,23 @@ _OIP_ERROR = {"type": "object", "required": ["error", "code"], "additionalProper
               "properties": {"error": {"type": "string"}, "code": {"type": "string"}}}
 
 _WHY = {400: "Bad request (invalid image, tensor, base64 or JSON)", 401: "API keys are on and none valid was sent",
-        404: "No such model, model version or resource", 405: "Method not allowed", 413: "Body, image or image count over its limit",
-        415: "Not a JPEG or PNG, or an unsupported Content-Encoding", 422: "The request does not match the API",
-        429: "Over the per-caller rate limit (Retry-After)", 503: "Shutting down, saturated or not ready (Retry-After)",
+        404: "No such model, model version or resource", 405: "Method not allowed", 409: "The job has already finished",
+        413: "Body, image or image count over its limit", 415: "Not a JPEG or PNG, or an unsupported Content-Encoding",
+        422: "The request does not match the API", 429: "Over the per-caller rate limit (Retry-After)",
+        503: "Shutting down, saturated, not ready, or the job store unreachable (Retry-After)",
         504: "The call did not complete within its deadline"}
-_PREDICTION = (400, 401, 404, 413, 415, 422, 429, 503, 504)
+# Every call through the guard's gates (predictor.serving.guard): a key, a rate, the in-flight limit, the deadline.
+_GATED = (401, 429, 503, 504)
+_PREDICTION = (400, 404, 413, 415, 422, *_GATED)
+_JOB_READ = (404, 422, *_GATED)
+_JOB_CANCEL = (404, 409, 422, *_GATED)
 _READ = (404, 503)
 
 
 def _errors(path: str, method: str) -> tuple[int, ...]:
-    if path.startswith("/classify/jobs"):
-        return ()  # its routes document their own answers (predictor.jobs.api)
+    """The error statuses a route can answer (their set is what schemathesis' status_code_conformance checks)."""
+    if path.startswith("/classify/jobs/"):
+        return _JOB_READ if method == "get" else _JOB_CANCEL
     if method == "post":
         return _PREDICTION
     if path.startswith(("/v1/models/", "/v2/models/", "/health", "/v2/health/ready")):

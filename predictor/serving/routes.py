@@ -1,37 +1,39 @@
 """The seed's HTTP API (and what KServe's own routes lack), built for one classifier.
 
-`build_router(model)` returns the routes; `predictor.serving.app.install` puts them on the app ahead of
-KServe's own, so `/health` and `/metrics` here win over KServe's.
+`build_router(model)` returns the routes; `predictor.app.install` puts them on the app ahead of
+KServe's own, so `/health` and `/metrics` here win over KServe's. The multipart routes call the data
+plane (predictor.dataplane) directly.
 """
 
 from importlib import metadata as package_metadata
 
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 
+from predictor.core import metrics
+from predictor.core.errors import ApiError, NotFound, PayloadTooLarge, Unavailable
 from predictor.model import Cifar10Classifier
-from predictor.serving import metrics
-from predictor.serving.cache import CachedClassifier
-from predictor.serving.errors import ApiError, NotFound, PayloadTooLarge, Unavailable, error_response
-from predictor.serving.payloads import SERVER_EXTENSIONS, timestamp
+from predictor.payloads import SERVER_EXTENSIONS, timestamp
+from predictor.serving.http_errors import error_response
+
+NOT_READY = Unavailable("model_not_ready", "The model is not loaded yet.")
 
 
-def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRouter:
-    """`/classify/image`, `/classify/batch` (through the result cache `cached`: `X-Cache: hit|miss`),
-    `/health`, `/metrics` and the v2 model metadata of `model`."""
+def build_router(model: Cifar10Classifier) -> APIRouter:
+    """`/classify/image`, `/classify/batch` (through the result cache: `X-Cache: hit|miss`), `/health`,
+    `/metrics` and the v2 model metadata of `model`."""
     router = APIRouter()
 
-    def serving() -> Cifar10Classifier:
+    def serving():
         if not model.ready:
-            raise Unavailable("model_not_ready", "The model is not loaded yet.")
-        return model
+            raise NOT_READY
+        return model.dataplane
 
     @router.post("/classify/image", tags=["classify"], summary="Classify one uploaded image")
     async def classify_image(request: Request, response: Response,
                              file: UploadFile = File(..., description="JPEG or PNG image"),
                              top_k: int | None = Query(None, ge=1, le=10, description="also return the k best classes")):
         """Multipart field `file` -> the seed's JSON: predicted_class, confidence, all_probabilities, timestamp."""
-        serving()
-        (result,), hit = await cached([await file.read()], top_k, request.state.api_key_id)
+        (result,), hit = await serving().classify([await file.read()], top_k, request.state.api_key_id)
         response.headers["X-Cache"] = "hit" if hit else "miss"
         if isinstance(result, ApiError):
             raise result
@@ -45,8 +47,7 @@ def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRoute
         limit = model.settings.max_batch_files
         if len(files) > limit:
             raise PayloadTooLarge("too_many_files", f"{len(files)} files exceed the limit of {limit} per request.")
-        serving()
-        results, hit = await cached([await f.read() for f in files], top_k, request.state.api_key_id)
+        results, hit = await serving().classify([await f.read() for f in files], top_k, request.state.api_key_id)
         response.headers["X-Cache"] = "hit" if hit else "miss"
         return {"results": [r.body() if isinstance(r, ApiError) else r for r in results], "timestamp": timestamp(),
                 "model_version": model.version}
@@ -70,7 +71,7 @@ def build_router(model: Cifar10Classifier, cached: CachedClassifier) -> APIRoute
     @router.get("/health", tags=["health"], summary="Model loaded and a forward pass succeeded")
     async def health():
         if not (model.ready and model.forward_ok):
-            return error_response(503, "model_not_ready", "The model is not loaded yet.")
+            return error_response(NOT_READY)
         return {"status": "healthy", "model_loaded": True, **model.metadata}
 
     @router.get("/metrics", tags=["metrics"], summary="Prometheus metrics of this replica (every worker process)",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from predictor.cifar import CLASSES
-from predictor.serving.imaging import decode_image
+from predictor.core.imaging import decode_image
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}

@@ -4,8 +4,8 @@
     python -m predictor.training.evaluate --data /tmp/cifar10/train --precision int8 # ... as the int8 path serves them
     python -m predictor.training.evaluate --data /tmp/cifar10/train --url http://host:8080   # a running server
 
-Both modes send the JPEG files through exactly what serving runs (the same Cifar10Classifier
-preprocess -> batcher -> postprocess, or the live /classify/batch endpoint), so what is measured is
+Both modes send the JPEG files through exactly what serving runs (the same data plane:
+decode -> batcher -> probabilities, or the live /classify/batch endpoint), so what is measured is
 what is served. The validation split is re-derived from the model card's split seed and size.
 """
 
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from predictor.cifar import CLASSES
-from predictor.model import Cifar10Classifier, ClassifyRequest, Settings
-from predictor.serving.errors import ApiError
+from predictor.config import Settings
+from predictor.model import Cifar10Classifier
+from predictor.core.errors import ApiError
 from predictor.training.calibration import expected_calibration_error
 from predictor.training.data import list_image_folder, resolve_image_folder, stratified_split
 from predictor.weights import PACKAGED_DIR, WeightsError, read_card
@@ -68,8 +69,8 @@ async def classify_in_process(files: list[tuple[str, int]], args: argparse.Names
     model.load()
     results = []
     for chunk in chunks(files):
-        response, _ = await model(ClassifyRequest([Path(path).read_bytes() for path, _ in chunk]))
-        results.extend(r.body() if isinstance(r, ApiError) else r for r in response["results"])
+        answers, _ = await model.dataplane.classify([Path(path).read_bytes() for path, _ in chunk])
+        results.extend(r.body() if isinstance(r, ApiError) else r for r in answers)
     return results
 
 

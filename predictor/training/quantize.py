@@ -10,7 +10,9 @@ them and the fp32 weights come two int8 forms of the same network:
   in, normalisation inside the graph), then ONNX Runtime's static QDQ quantization (int8 per-channel
   weights, uint8 activations, min/max calibration), written as `resnet18_cifar10.int8.onnx` with its
   sha256 in the model card (the predictor refuses a file that does not match);
-- PT2E for `--engine torch --precision int8` (x86 inductor backend), quantized at start-up.
+- PT2E for `--engine torch --precision int8` (x86 inductor backend), quantized at start-up by the
+  torch engine itself (predictor.engines.torch_engine.quantize_pt2e_int8), since the images ship
+  without this package.
 """
 
 import argparse
@@ -28,23 +30,6 @@ from predictor.weights import CALIBRATION_FILE, CARD_FILE, ONNX_INPUT, PACKAGED_
 log = logging.getLogger("predictor")
 ONNX_INT8_FILE = "resnet18_cifar10.int8.onnx"
 ONNX_OPSET = 17
-
-
-def quantize_int8(model: torch.nn.Module, calibration: np.ndarray, max_batch_size: int) -> torch.nn.Module:
-    """fp32 network -> PT2E int8 graph (batch dimension dynamic up to max_batch_size), calibrated."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-
-    example = normalize(torch.from_numpy(calibration[:2]))
-    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
-    # strict export: the non-strict one fails in the quantizer's annotation pass (torchao 0.18)
-    graph = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=True).module()
-    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(graph, quantizer)
-    with torch.no_grad():
-        for start in range(0, len(calibration), 32):
-            prepared(normalize(torch.from_numpy(calibration[start:start + 32])))
-    return convert_pt2e(prepared)
 
 
 class _Normalized(torch.nn.Module):

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from predictor.cifar import IMAGE_SIZE
-from predictor.serving.errors import ApiError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from predictor.core.errors import ApiError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

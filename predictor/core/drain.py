@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from predictor.serving import metrics
+from predictor.core import metrics
 
 log = logging.getLogger("predictor")
 _POLL_S = 0.05

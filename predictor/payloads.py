@@ -10,7 +10,7 @@ import orjson
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
 from predictor.cifar import CLASSES, IMAGE_SIZE
-from predictor.serving.errors import ApiError, InvalidRequest, PayloadTooLarge
+from predictor.core.errors import ApiError, InvalidRequest, PayloadTooLarge
 
 PIXELS_SHAPE = [-1, IMAGE_SIZE, IMAGE_SIZE, 3]
 V2_INPUTS = [
@@ -62,11 +62,43 @@ def v1_instances(body: dict, max_images: int) -> list[bytes]:
     return out
 
 
+# The OIP parameters this server reads, with the type each must have (Triton refuses any other type).
+_BOOLEAN_PARAMETERS = {"binary_data_output": "the request", "binary_data": "an output"}
+
+
+def _check_parameters(parameters: object, where: str) -> None:
+    for name, value in (parameters or {}).items() if isinstance(parameters, dict) else ():
+        if name in _BOOLEAN_PARAMETERS and not isinstance(value, bool):
+            raise InvalidRequest("invalid_parameter", f"Parameter {name!r} of {where} must be true or false.")
+
+
+def _listed_pixels(data: list, name: str, shape: list[int]) -> np.ndarray:
+    """UINT8 data given as numbers (JSON, or gRPC's typed contents) -> pixels, refusing what Triton
+    refuses: any element that is not an integer from 0 to 255 (floats, strings, booleans, nulls), and a
+    count that does not match the shape."""
+    try:
+        values = np.asarray(data, dtype=object).reshape(-1)
+    except ValueError:
+        values = None  # ragged nesting
+    expected = int(np.prod(shape))
+    if values is None or len(values) != expected:
+        raise InvalidRequest("invalid_tensor", f"UINT8 data of {name!r} must hold {expected} values for shape {shape}.")
+    if set(map(type, values)) - {int}:  # bool is a subclass of int, not int itself
+        raise InvalidRequest("invalid_tensor", f"UINT8 data of {name!r} must be integers from 0 to 255.")
+    pixels = values.astype(np.int64)
+    if len(pixels) and (pixels.min() < 0 or pixels.max() > 255):
+        raise InvalidRequest("invalid_tensor", f"UINT8 data of {name!r} must be integers from 0 to 255.")
+    return pixels.astype(np.uint8).reshape(shape)
+
+
 def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None, np.ndarray | None]:
     """The single v2 input -> (encoded images, None) for BYTES or (None, pixels [N,32,32,3]) for UINT8."""
     unknown = [o.name for o in request.request_outputs or () if o.name not in V2_OUTPUT_NAMES]
     if unknown:
         raise InvalidRequest("unknown_output", f"Unknown output {unknown[0]!r}; the outputs are {', '.join(V2_OUTPUT_NAMES)}.")
+    _check_parameters(request.parameters, "the request")
+    for output in request.request_outputs or ():
+        _check_parameters(output.parameters, f"output {output.name!r}")
     if len(request.inputs) != 1:
         raise InvalidRequest("invalid_request", f"Expected exactly one input ('image' BYTES or 'pixels' UINT8), got {len(request.inputs)}.")
     tensor: InferInput = request.inputs[0]
@@ -90,10 +122,13 @@ def v2_input(request: InferRequest, max_images: int) -> tuple[list[bytes] | None
     if tensor.datatype == "UINT8":
         if len(shape) != 4 or shape[1:] != PIXELS_SHAPE[1:] or count < 1:
             raise InvalidRequest("invalid_shape", f"UINT8 input must have shape [N, 32, 32, 3], got {shape}.")
+        if isinstance(tensor.data, list) and tensor._raw_data is None:  # numbers, not raw bytes
+            return None, _listed_pixels(tensor.data, tensor.name, shape)
         try:
             pixels = tensor.as_numpy()
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise InvalidRequest("invalid_tensor", f"UINT8 data does not match shape {shape}: {exc}") from None
+        except (ValueError, TypeError, OverflowError):
+            raise InvalidRequest("invalid_tensor", f"UINT8 data of {tensor.name!r} must hold {int(np.prod(shape))} "
+                                                   f"bytes for shape {shape}.") from None
         return None, np.ascontiguousarray(pixels, dtype=np.uint8)
     raise InvalidRequest("unsupported_datatype", f"Input datatype {tensor.datatype} is not accepted; use BYTES (JPEG or PNG files; base64 in JSON) or UINT8 [N,32,32,3].")
 

@@ -24,10 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from kserve.errors import InferenceError
 
-from predictor.serving import metrics
-from predictor.serving.errors import Overloaded
+from predictor.core import metrics
+from predictor.core.errors import InferenceFailed, Overloaded
 
 log = logging.getLogger("predictor")
 # What a caller of a failed forward pass is told (500 inference_error; gRPC INTERNAL): the exception
@@ -171,7 +170,7 @@ class DynamicBatcher:
                 log.error("forward pass of %d images failed", len(images), exc_info=exc)
                 for pending in batch:
                     if not pending.future.done():
-                        failure = InferenceError(FORWARD_FAILED)
+                        failure = InferenceFailed("inference_error", FORWARD_FAILED)
                         failure.__cause__ = exc
                         pending.future.set_exception(failure)
                 continue

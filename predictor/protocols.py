@@ -1,13 +1,12 @@
-"""One thin adapter per protocol: which images a request carries, and how its answer is shaped.
+"""One thin adapter per KServe protocol: which images a request carries, and how its answer is shaped.
 
-The classification core (`Cifar10Classifier`: decode -> batch -> probabilities) is the same for all
-of them; an adapter only reads its protocol's body into image slots and renders the probabilities
-back into that protocol's response:
+The classification (predictor.dataplane: decode -> batch -> probabilities) is the same for all of
+them; an adapter only reads its protocol's body into image slots and renders the probabilities back
+into that protocol's response (the multipart routes call the data plane directly):
 
-- multipart (`/classify/image`, `/classify/batch`, jobs): `ClassifyRequest`, a bad file kept as an
-  error in its slot;
 - KServe v1 (`:predict`): `{"instances": [...]}` JSON, or an image sent as the whole body;
-- KServe v2 (`/infer`), JSON or the binary-data extension: base64 images or ready 32x32 pixels.
+- KServe v2 (`/infer`, REST and gRPC), JSON or the binary-data extension: base64 images or ready
+  32x32 pixels.
 """
 
 import uuid
@@ -17,34 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from predictor.serving import payloads
-from predictor.serving.errors import ApiError
+from predictor import payloads
+from predictor.core.errors import ApiError
+from predictor.dataplane import Slots
 
-Slots = list[np.ndarray | ApiError]
 # Decodes encoded images off the event loop: (files, keep_errors) -> one image or error per file.
 Decoder = Callable[[list[bytes | ApiError], bool], Awaitable[Slots]]
-
-
-@dataclass
-class ClassifyRequest:
-    """A multipart call's uploaded files (or the error reading one) and the optional top_k."""
-
-    files: list[bytes | ApiError]
-    top_k: int | None = None
-    background: bool = False  # async job work: the batcher's low-priority lane
-
-
-class MultipartAdapter:
-    """`/classify/*`: every file gets a slot; a bad one keeps its error there instead of failing the call."""
-
-    @staticmethod
-    async def slots(request: ClassifyRequest, decode: Decoder, max_images: int) -> Slots:
-        return await decode(request.files, True)
-
-    @staticmethod
-    def render(request: ClassifyRequest, probabilities: Slots, model_name: str, version: str) -> dict:
-        return {"results": [payloads.classification(p, request.top_k) if isinstance(p, np.ndarray) else p
-                            for p in probabilities]}
 
 
 class V1Adapter:
@@ -78,13 +55,11 @@ class V2Adapter:
         return payloads.v2_response(request, model_name, version, np.stack(probabilities))
 
 
-Adapter = type[MultipartAdapter] | type[V1Adapter] | type[V2Adapter]
+Adapter = type[V1Adapter] | type[V2Adapter]
 
 
 def adapter_for(payload: object) -> Adapter:
-    """The adapter of the body KServe (or our multipart routes) hands the model."""
-    if isinstance(payload, ClassifyRequest):
-        return MultipartAdapter
+    """The adapter of the body KServe hands the model."""
     if isinstance(payload, InferRequest):
         return V2Adapter
     return V1Adapter
@@ -93,18 +68,18 @@ def adapter_for(payload: object) -> Adapter:
 @dataclass
 class Prepared:
     """What preprocess hands predict (and predict hands postprocess): the request, its adapter, one
-    decoded image or error per slot, and then one row of logits or error per slot."""
+    decoded image per slot, and then one row of probabilities per slot."""
 
     adapter: Adapter
     source: object
     slots: Slots
-    logits: Slots = field(default_factory=list)
+    probabilities: Slots = field(default_factory=list)
 
 
 def omit_unset_optional_fields() -> None:
     """KServe's v2 REST answers carry `"parameters": null` (top level and per output), which the OIP
     schema forbids (`parameters` is an object when present): serve its InferenceResponse without them.
-    Called in every serving process (predictor.serving.app.install); idempotent."""
+    Called in every serving process (predictor.app.install); idempotent."""
     from typing import ClassVar
 
     from kserve.protocol.rest import v2_endpoints

@@ -6,20 +6,21 @@ also the caller's key id, so one key cannot learn (from `X-Cache: hit` or the ti
 another key sent (`--cache_shared_across_keys` shares entries between keys instead). Value: the
 classification without a timestamp. An in-process LRU sits in front of Redis (shared by every
 replica); Redis failing never fails a call: the cache then serves from the LRU alone, counts each
-Redis failure and logs once per outage, and does not try Redis again for `retry_after_s`.
+Redis failure and logs once per outage, and does not try Redis again for `retry_after_s`
+(predictor.core.breaker). The data plane (predictor.dataplane) reads and fills it.
 """
 
-import asyncio
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 
 import orjson
 import redis.asyncio as redis
 from prometheus_client import Counter
 from redis.exceptions import RedisError
+
+from predictor.core.breaker import Breaker
 
 log = logging.getLogger("predictor")
 
@@ -29,21 +30,22 @@ CACHE_REDIS_FAILURES = Counter("predictor_cache_redis_failures_total",
 
 
 class ResultCache:
-    """An LRU of `local_entries` in front of an optional Redis; entries live `ttl_s` seconds."""
+    """An LRU of `local_entries` in front of an optional Redis; entries live `ttl_s` seconds. With
+    `per_key`, a tenant (the caller's API key id) reads and writes only its own entries."""
 
     def __init__(self, namespace: str, ttl_s: int, client: redis.Redis | None = None, local_entries: int = 10_000,
-                 retry_after_s: float = 5.0, clock=time.monotonic):
+                 retry_after_s: float = 5.0, clock=time.monotonic, per_key: bool = True):
         self.namespace = namespace
         self.ttl_s = ttl_s
         self.redis = client
         self.local_entries = local_entries
-        self.retry_after_s = retry_after_s
+        self.per_key = per_key
         self.clock = clock
         self._local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # key -> (expires, value)
-        self._redis_down_until: float | None = None  # set while Redis is considered down
+        self._breaker = Breaker("result cache", retry_after_s, clock)
 
     def key(self, data: bytes, top_k: int | None, tenant: str | None = None) -> str:
-        scope = self.namespace if tenant is None else f"{self.namespace}:key={tenant}"
+        scope = self.namespace if tenant is None or not self.per_key else f"{self.namespace}:key={tenant}"
         return f"cache:{scope}:{top_k or 0}:{hashlib.sha256(data).hexdigest()}"
 
     async def get_many(self, keys: list[str]) -> list[dict | None]:
@@ -101,64 +103,11 @@ class ResultCache:
             self._local.popitem(last=False)
 
     def _redis_usable(self) -> bool:
-        if self.redis is None:
-            return False
-        return self._redis_down_until is None or self.clock() >= self._redis_down_until
+        return self.redis is not None and self._breaker.usable()
 
     def _redis_failed(self, exc: Exception) -> None:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():  # the call was cancelled (client gone), Redis is fine
-            raise asyncio.CancelledError()
         CACHE_REDIS_FAILURES.inc()
-        if self._redis_down_until is None:  # once per outage
-            log.warning("result cache: Redis unavailable (%s); serving from the in-process cache only, "
-                        "retrying every %g s", exc, self.retry_after_s)
-        self._redis_down_until = self.clock() + self.retry_after_s
+        self._breaker.failed(exc, "serving from the in-process cache only")
 
     def _redis_ok(self) -> None:
-        if self._redis_down_until is not None:
-            log.info("result cache: Redis reachable again")
-            self._redis_down_until = None
-
-
-# The classification core: files (or the error reading one) and top_k -> one result or ApiError per file.
-Classify = Callable[..., Awaitable[list]]
-
-
-class CachedClassifier:
-    """The classification core behind the cache: only the files not cached are classified; their
-    results (never errors) are cached. Returns the results and whether every one was a cache hit.
-    Without a cache (`--cache_ttl_s 0`) every call is a miss. `on_hit` sees each result served from the
-    cache (answers served count in the prediction metrics whether computed or not). `tenant` (the
-    caller's API key id; None without keys) scopes the entries a call reads and writes, unless
-    `per_key` is off."""
-
-    def __init__(self, cache: ResultCache | None, classify: Classify, on_hit: Callable[[dict], None] | None = None,
-                 per_key: bool = True):
-        self.cache = cache
-        self.classify = classify
-        self.on_hit = on_hit
-        self.per_key = per_key
-
-    async def __call__(self, files: list, top_k: int | None, tenant: str | None = None, **options) -> tuple[list, bool]:
-        if self.cache is None:
-            return await self.classify(files, top_k, **options), False
-        tenant = tenant if self.per_key else None
-        keys = [self.cache.key(f, top_k, tenant) if isinstance(f, bytes) and f else None for f in files]
-        cached = await self.cache.get_many([k for k in keys if k is not None])
-        found = iter(cached)
-        results = [next(found) if k is not None else None for k in keys]
-        missing = [i for i, r in enumerate(results) if r is None]
-        if self.on_hit is not None:
-            for result in results:
-                if result is not None:
-                    self.on_hit(result)
-        if missing:
-            computed = await self.classify([files[i] for i in missing], top_k, **options)
-            fresh = {}
-            for i, result in zip(missing, computed):
-                results[i] = result
-                if isinstance(result, dict):
-                    fresh[keys[i]] = result
-            await self.cache.put_many(fresh)
-        return results, not missing
+        self._breaker.succeeded()

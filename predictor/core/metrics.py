@@ -37,6 +37,13 @@ CONFIDENCE = Histogram("predictor_confidence", "Confidence (calibrated probabili
                        ["model_version"], buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
 
 
+def record_call(endpoint: str, status: int, seconds: float) -> None:
+    """Count one prediction call (HTTP or gRPC) under the seed's api_* names, with the HTTP status its
+    outcome corresponds to."""
+    REQUESTS.labels(endpoint, "success" if status < 400 else "error", str(status)).inc()
+    LATENCY.labels(endpoint).observe(seconds)
+
+
 def record_prediction(predicted_class: str, confidence: float, model_version: str) -> None:
     """Count one classified image for the drift and A/B signals."""
     PREDICTIONS.labels(predicted_class, model_version).inc()
