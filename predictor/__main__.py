@@ -49,7 +49,12 @@ def main() -> None:
              + (f"X-Forwarded-For entry {hops} from the right ({hops} trusted proxy hop(s))" if hops else "peer address")
              if settings.rate_limit_per_minute else "off",
              settings.max_queue_images, settings.request_timeout_s, settings.drain_timeout_s)
-    kserve_compat.configure_uvicorn(settings.request_log)  # the client address is decided in one place: predictor.core.security
+    log.info("connections: head within %g s and %d bytes, at most %d open per process, idle %d s (--timeout-keep-alive); "
+             "API key ids: %s", settings.header_timeout_s, settings.max_header_bytes, settings.max_connections,
+             args.timeout_keep_alive, "-" if not settings.api_keys.enabled else
+             "HMAC under the configured key-id secret" if settings.api_keys.id_secret_shared else "this process's own secret")
+    limits = kserve_compat.ConnectionLimits(settings.header_timeout_s, settings.max_header_bytes, settings.max_connections)
+    kserve_compat.configure_uvicorn(settings.request_log, limits)  # the client address is decided in one place: predictor.core.security
     kserve_compat.use_grpc_server(GuardedGRPCServer)
     if args.workers > 1:
         kserve_compat.use_patient_workers(install_in_worker)  # each worker process installs the app itself

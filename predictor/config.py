@@ -61,10 +61,22 @@ class Settings:
                                        "gets 504", env="REQUEST_TIMEOUT_S", minimum=0.001)
     drain_timeout_s: int = setting(20, "after SIGTERM, how long admitted requests get to finish before the process "
                                    "exits", env="DRAIN_TIMEOUT_S", minimum=0)
+    header_timeout_s: float = setting(10.0, "time a connection gets to send a request's line and headers from its first "
+                                      "byte; past it 408 and the connection closes (an idle connection is closed after "
+                                      "KServe's --timeout-keep-alive)", env="HEADER_TIMEOUT_S", minimum=0.01)
+    max_header_bytes: int = setting(64 * 1024, "largest request line plus headers; larger: 431 and the connection "
+                                    "closes", env="MAX_HEADER_BYTES", minimum=1024)
+    max_connections: int = setting(2048, "open HTTP connections per process; at the bound a new connection closes the "
+                                   "longest idle one, or with none idle gets 503 + Retry-After and is closed",
+                                   env="MAX_CONNECTIONS", minimum=1)
     api_keys_file: Path | None = setting(
         None, "file with one API key per line (a mounted Secret); with keys configured (here or in env API_KEYS, "
         "comma-separated) prediction calls need 'Authorization: Bearer <key>' or 'X-API-Key'", env="API_KEYS_FILE",
         parse=Path)
+    key_id_secret_file: Path | None = setting(
+        None, "file holding the secret (at least 32 characters, one for every replica) under which API keys are named "
+        "by HMAC-SHA256 in the cache and job owners (a mounted Secret; or env KEY_ID_SECRET). Required with API keys "
+        "and --redis_url; without Redis each process draws its own", env="KEY_ID_SECRET_FILE", parse=Path)
     rate_limit_per_minute: int = setting(100, "prediction calls per minute per API key (per client address without "
                                          "keys), per replica; 0 turns it off", env="RATE_LIMIT_PER_MINUTE", minimum=0)
     trusted_proxy_hops: int = setting(
@@ -164,12 +176,30 @@ def build_parser(kserve_parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def load_api_keys(args: argparse.Namespace) -> ApiKeys:
+    """The keys (env API_KEYS, --api_keys_file) and the secret naming them (--key_id_secret_file, else env
+    KEY_ID_SECRET: like API_KEYS an environment variable only, never in a process's arguments or --help)."""
+    id_secret = os.environ.get("KEY_ID_SECRET", "").strip() or None
+    if args.key_id_secret_file:
+        try:
+            id_secret = Path(args.key_id_secret_file).read_text().strip() or None
+        except OSError as exc:
+            raise SystemExit(f"--key_id_secret_file: cannot read {args.key_id_secret_file} ({exc.strerror})") from None
     try:
-        keys = ApiKeys.load(os.environ.get("API_KEYS", ""), args.api_keys_file)
+        keys = ApiKeys.load(os.environ.get("API_KEYS", ""), args.api_keys_file, id_secret)
     except OSError as exc:
         raise SystemExit(f"--api_keys_file: cannot read {args.api_keys_file} ({exc.strerror})") from None
     if args.api_keys_file is not None and not keys.enabled:
         raise SystemExit(f"--api_keys_file: {args.api_keys_file} holds no keys; refusing to serve without the auth it asks for")
+    if keys.enabled and id_secret is not None and len(id_secret) < ApiKeys.ID_SECRET_MIN_LENGTH:
+        raise SystemExit(f"the key-id secret (KEY_ID_SECRET, --key_id_secret_file) must be at least "
+                         f"{ApiKeys.ID_SECRET_MIN_LENGTH} characters (e.g. openssl rand -hex 32)")
+    if keys.enabled and id_secret is None and args.redis_url:
+        # Key ids own jobs and cache entries in Redis: a per-process secret would hide a job from its
+        # owner on every other replica and after every restart.
+        raise SystemExit("no key-id secret (KEY_ID_SECRET, --key_id_secret_file): with API keys and --redis_url, the ids "
+                         "that own jobs and cache entries in Redis must be the same on every replica and across "
+                         "restarts; give every replica one random value of at least 32 characters (the chart mounts "
+                         "auth.apiKeys.existingSecret's key-id-secret)")
     return keys
 
 

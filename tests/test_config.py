@@ -13,6 +13,7 @@ from .deploy_common import ROOT, predictor_container, render
 CONDITIONAL = {
     "REDIS_URL": ("redis.url=redis://redis:6379/0",),
     "API_KEYS_FILE": ("auth.apiKeys.existingSecret=cifar10-keys",),
+    "KEY_ID_SECRET_FILE": ("auth.apiKeys.existingSecret=cifar10-keys", "redis.url=redis://redis:6379/0"),
     "JOB_OWNER_HEADER": ("auth.jwt.enabled=true", "auth.jwt.issuer=https://issuer.example",
                          "auth.jwt.jwksUri=https://issuer.example/jwks", "auth.jwt.ownerClaim=sub"),
 }

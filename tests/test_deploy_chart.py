@@ -394,6 +394,36 @@ def test_the_api_keys_secret_is_mounted_read_only_and_api_keys_file_points_into_
     assert not env["API_KEYS_FILE"].startswith("/tmp/")
 
 
+@pytest.mark.parametrize("redis", [("redis.url=redis://redis:6379/0",), ("redis.existingSecret=cifar10-redis",), ()],
+                         ids=["redis-url", "redis-secret", "no-redis"])
+def test_with_redis_the_key_id_secret_is_mounted_from_the_api_keys_secret_and_required(redis):
+    """The secret naming API keys in Redis (HMAC-SHA256) comes from the keys' Secret as a file beside
+    the keys, never in the spec; with Redis the item is required (no `optional`: the pod does not start
+    without it); without Redis, or without keys, it is not mounted (each process draws its own)."""
+    assert "KEY_ID_SECRET_FILE" not in env_of(predictor_container(render(sets=redis)))  # no keys: nothing to name
+    objects = render(sets=("auth.apiKeys.existingSecret=cifar10-keys", *redis))
+    _, _, predictor = isvc_of(objects)
+    env = env_of(predictor_container(objects))
+    assert "KEY_ID_SECRET" not in env
+    (volume,) = [v for v in predictor["volumes"] if "secret" in v]
+    items = {item["key"]: item["path"] for item in volume["secret"]["items"]}
+    if not redis:
+        assert "KEY_ID_SECRET_FILE" not in env and items == {"keys": "keys"}
+        return
+    assert items == {"keys": "keys", "key-id-secret": "key-id-secret"} and not volume["secret"].get("optional")
+    assert env["KEY_ID_SECRET_FILE"] == env["API_KEYS_FILE"].rsplit("/", 1)[0] + "/key-id-secret"
+    with pytest.raises(Exception, match="keyIdSecretKey must differ"):
+        render(sets=("auth.apiKeys.existingSecret=cifar10-keys", "auth.apiKeys.keyIdSecretKey=keys", *redis))
+
+
+def test_the_connection_limits_reach_the_predictor_env():
+    env = env_of(predictor_container(render(sets=("limits.headerTimeoutSeconds=3", "limits.maxHeaderBytes=16384",
+                                                  "limits.maxConnections=500"))))
+    assert (env["HEADER_TIMEOUT_S"], env["MAX_HEADER_BYTES"], env["MAX_CONNECTIONS"]) == ("3", "16384", "500")
+    with pytest.raises(Exception, match="maxConnections"):
+        render(sets=("limits.maxConnections=0",))
+
+
 @pytest.mark.parametrize("values_file", [v for v in CI_VALUES if values_of(v)["auth"]["jwt"]["enabled"]],
                          ids=lambda v: v.name.removesuffix("-values.yaml"))
 def test_the_jwt_rules_and_selectors(values_file):

@@ -1,6 +1,8 @@
 """API keys, rate limits, load shedding, deadlines and graceful drain, on real server processes."""
 
 import concurrent.futures
+import hashlib
+import hmac
 import os
 import re
 import signal
@@ -286,13 +288,85 @@ def test_sigterm_during_load_completes_every_admitted_request(image):
         srv.stop()
 
 
+# -- key ids: what names a key where others can read it ----------------------------------------------
+KEY_ID_SECRET = "7f3c9e1a5b2d8f4c6e0a9b3d7f1c5e2a8b4d6f0c"
+
+
+def test_key_ids_in_redis_are_keyed_hashes_the_same_on_every_replica(image, tmp_path):
+    """With a key-id secret, what Redis holds about a key (its cache entries' names, its jobs' owner, the
+    job stream) is HMAC-SHA256(secret, key), which a reader of Redis cannot test guesses against, never
+    the plain sha256 prefix; a second replica given the same secret (from a file) finds the first one's job."""
+    import redis
+
+    from .redis_server import RedisServer
+
+    store = RedisServer()
+    secret_file = tmp_path / "key-id-secret"
+    secret_file.write_text(KEY_ID_SECRET + "\n")  # as a mounted Secret holds it
+    replicas = []
+    try:
+        replicas = [Server("--redis_url", store.url, "--rate_limit_per_minute", "0",
+                           env={"API_KEYS": KEYS[0], "KEY_ID_SECRET": KEY_ID_SECRET}),  # the variable, or the file
+                    Server("--redis_url", store.url, "--rate_limit_per_minute", "0", "--key_id_secret_file", str(secret_file),
+                           env={"API_KEYS": KEYS[0]})]
+        first, second = replicas
+        key = {"X-API-Key": KEYS[0]}
+        assert upload(first.client, image, **key).status_code == 200  # a cache entry of this key
+        job = first.client.post("/classify/jobs", files=[("files", ("a.jpg", image, "image/jpeg"))], headers=key)
+        assert job.status_code == 202, job.text
+        job_id = job.json()["job_id"]
+        assert second.client.get(f"/classify/jobs/{job_id}", headers=key).status_code == 200  # the same owner id there
+
+        keyed = hmac.new(KEY_ID_SECRET.encode(), KEYS[0].encode(), hashlib.sha256).hexdigest()[:32]
+        plain = hashlib.sha256(KEYS[0].encode()).hexdigest()[:16]
+        client = redis.Redis.from_url(store.url)
+        try:
+            names = [name.decode() for name in client.keys("*")]
+            held = list(names)
+            for name in names:
+                kind = client.type(name).decode()
+                if kind == "hash":
+                    held += [v.decode(errors="replace") for v in client.hgetall(name).values()]
+                elif kind == "stream":
+                    held += [v.decode(errors="replace") for _, entry in client.xrange(name) for v in entry.values()]
+            assert client.hget(f"job:{MODEL_NAME}:{job_id}", "owner").decode() == keyed
+        finally:
+            client.close()
+        assert any(f"key={keyed}" in name for name in names), names  # the cache entry, per key
+        assert not [text for text in held if plain in text], "the unsalted sha256 key id is in Redis"
+    finally:
+        for server in replicas:
+            server.stop()
+        store.stop()
+
+
+def test_without_a_key_id_secret_keys_alone_get_a_per_process_one(keyed_server):
+    """No Redis, no KEY_ID_SECRET: key ids never leave the process, so it draws its own secret (logged)."""
+    assert "API key ids: this process's own secret" in keyed_server.log()
+
+
+def test_api_key_ids_are_hmacs_under_the_secret():
+    from predictor.core.security import ApiKeys
+
+    named = ApiKeys(["k"], KEY_ID_SECRET)
+    assert named.key_id("k") == ApiKeys(["k"], KEY_ID_SECRET).key_id("k")  # every replica alike
+    assert named.key_id("k") == hmac.new(KEY_ID_SECRET.encode(), b"k", hashlib.sha256).hexdigest()[:32]
+    assert ApiKeys(["k"], "another" + KEY_ID_SECRET).key_id("k") != named.key_id("k")
+    assert ApiKeys(["k"]).key_id("k") != ApiKeys(["k"]).key_id("k")  # no secret: one of its own per process
+    assert named.id_secret_shared and not ApiKeys(["k"]).id_secret_shared
+    assert KEY_ID_SECRET not in repr(named)
+
+
 # -- refused configurations -------------------------------------------------------------------------
-@pytest.mark.parametrize("args, message", [
-    (["--api_keys_file", "/nonexistent/keys"], "cannot read /nonexistent/keys"),
-], ids=["unreadable-keys-file"])
-def test_unsafe_auth_configurations_refuse_to_start(args, message):
+@pytest.mark.parametrize("args, env, message", [
+    (["--api_keys_file", "/nonexistent/keys"], {}, "cannot read /nonexistent/keys"),
+    (["--redis_url", "redis://127.0.0.1:1/0"], {}, "no key-id secret"),
+    (["--redis_url", "redis://127.0.0.1:1/0"], {"KEY_ID_SECRET": "short"}, "must be at least 32 characters"),
+    (["--key_id_secret_file", "/nonexistent/id"], {}, "cannot read /nonexistent/id"),
+], ids=["unreadable-keys-file", "keys-and-redis-without-key-id-secret", "short-key-id-secret", "unreadable-key-id-file"])
+def test_unsafe_auth_configurations_refuse_to_start(args, env, message):
     result = subprocess.run([sys.executable, "-m", "predictor", *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "API_KEYS": KEYS[0]})
+                            timeout=120, env={**os.environ, "API_KEYS": KEYS[0], **env})
     assert result.returncode != 0
     assert message in result.stderr
 

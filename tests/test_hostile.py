@@ -491,9 +491,7 @@ FRAMING = [
     pytest.param(lambda t: t.raw(b"POST /classify/image HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n"
                                  b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /health HTTP/1.1\r\n\r\n"), id="request-smuggling-cl-and-te"),
     pytest.param(lambda t: t.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Bad: a\rb\r\n\r\n"), id="bare-cr-in-header"),
-    pytest.param(lambda t: t.raw(b"GET /classify/image?" + b"a=1&" * 20_000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-                 id="80KB-request-line"),
-]
+]  # an 80 KB request line is over --max_header_bytes: 414, in tests/test_connections.py
 
 
 @pytest.mark.parametrize("send", FRAMING)

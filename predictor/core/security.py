@@ -3,6 +3,7 @@
 import hashlib
 import hmac
 import math
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -10,19 +11,33 @@ from pathlib import Path
 
 
 class ApiKeys:
-    """The configured keys; `accepts` compares in constant time and never reveals which key matched."""
+    """The configured keys; `accepts` compares in constant time and never reveals which key matched.
 
-    def __init__(self, keys: list[str]):
+    `key_id` names a key by HMAC-SHA256 under `id_secret` (KEY_ID_SECRET): the name stored with cache
+    entries and jobs, in Redis too, where anyone who reads it must not be able to test guesses of a
+    key offline, as they could against a plain hash. Every process given the same secret names a key
+    alike; without one (`id_secret` None) the secret is drawn at random here, so the names mean
+    nothing outside this process (its --workers receive it pickled with the settings).
+    """
+
+    ID_SECRET_MIN_LENGTH = 32
+
+    def __init__(self, keys: list[str], id_secret: str | None = None):
         # Comparing fixed-length digests keeps the time independent of the keys' lengths and contents.
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self.id_secret_shared = bool(id_secret)  # False: a per-process secret
+        self._id_secret = id_secret.encode() if id_secret else secrets.token_bytes(32)
 
     @classmethod
-    def load(cls, inline: str = "", file: Path | None = None) -> "ApiKeys":
+    def load(cls, inline: str = "", file: Path | None = None, id_secret: str | None = None) -> "ApiKeys":
         """Keys from a comma-separated string and/or a file with one key per line ('#' comments allowed)."""
         keys = [k.strip() for k in inline.split(",")]
         if file is not None:
             keys += [line.strip() for line in Path(file).read_text().splitlines() if not line.lstrip().startswith("#")]
-        return cls([k for k in keys if k])
+        return cls([k for k in keys if k], id_secret)
+
+    def __repr__(self) -> str:  # never the secret, never the digests
+        return f"ApiKeys({len(self)} keys)"
 
     @property
     def enabled(self) -> bool:
@@ -40,6 +55,11 @@ class ApiKeys:
             matched |= hmac.compare_digest(digest, known)
         return matched
 
+    def key_id(self, key: str) -> str:
+        """A stable, non-secret name for an API key: HMAC-SHA256(id secret, key), 128 bits in hex. Safe to
+        store and to log; without the secret it cannot be checked against a guessed key."""
+        return hmac.new(self._id_secret, key.encode(), hashlib.sha256).hexdigest()[:32]
+
 
 def presented_key(headers: dict[bytes, bytes]) -> str | None:
     """The key from `Authorization: Bearer <key>` or `X-API-Key: <key>`, if either is there."""
@@ -52,15 +72,10 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
     return None
 
 
-def key_id(key: str) -> str:
-    """A stable, non-secret name for an API key (a sha256 prefix): safe to store and to log."""
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def caller_identity(scope: dict, key: str | None, trusted_proxy_hops: int) -> str:
-    """What the rate limit counts against: the API key (as a digest), else the client's address."""
-    if key is not None:
-        return "key:" + key_id(key)
+def caller_identity(scope: dict, key_id: str | None, trusted_proxy_hops: int) -> str:
+    """What the rate limit counts against: the API key (by its `ApiKeys.key_id`), else the client's address."""
+    if key_id is not None:
+        return "key:" + key_id
     return "addr:" + client_address(scope, trusted_proxy_hops)
 
 

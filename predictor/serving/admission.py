@@ -9,7 +9,7 @@ from predictor.config import Settings
 from predictor.core import metrics
 from predictor.core.drain import Drain
 from predictor.core.errors import ApiError, Overloaded, RateLimited, Unauthorized, Unavailable
-from predictor.core.security import RateLimiter, caller_identity, key_id, presented_key
+from predictor.core.security import RateLimiter, caller_identity, presented_key
 
 
 class Gates:
@@ -49,9 +49,9 @@ class Gates:
             message = "A valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
             return Unauthorized("unauthorized", message if key is None else "The API key is not valid.",
                             {"WWW-Authenticate": "Bearer"})
-        key = key if settings.api_keys.enabled else None
-        identity = caller_identity(scope, key, settings.trusted_proxy_hops)
-        scope.setdefault("state", {}).update(caller=identity, api_key_id=key_id(key) if key is not None else None)
+        key_id = settings.api_keys.key_id(key) if settings.api_keys.enabled else None
+        identity = caller_identity(scope, key_id, settings.trusted_proxy_hops)
+        scope.setdefault("state", {}).update(caller=identity, api_key_id=key_id)
         if limiter is not None:
             decision = limiter.check(identity)
             extra_headers.extend((k.lower().encode(), v.encode()) for k, v in decision.headers().items()

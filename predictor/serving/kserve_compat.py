@@ -7,7 +7,9 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
   (prometheus_client picks its storage when kserve first imports it);
 - `configure_uvicorn`: uvicorn's proxy-header rewriting off in every RESTServer (KServe builds
   uvicorn's Config and does not expose `proxy_headers`; predictor.core.security decides the
-  client), and its access log as `--request_log` says (KServe leaves it on);
+  client), its access log as `--request_log` says (KServe leaves it on), and its HTTP protocol
+  `LimitedHttpProtocol`: connection limits uvicorn lacks (a deadline for a request's head, a bound
+  on its size, the idle timeout from the first byte, a bound on open connections);
 - `use_grpc_server`: KServe's ModelServer builds the given gRPC server class (ours:
   predictor.serving.grpc_server.GuardedGRPCServer, the HTTP gates on gRPC, no model repository API)
   instead of its GRPCServer;
@@ -29,13 +31,16 @@ It imports nothing of this package: what it installs is handed to it.
 
 import argparse
 import atexit
+import functools
 import inspect
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 
 import orjson
@@ -61,16 +66,26 @@ def before_kserve_import() -> None:
         atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
-def configure_uvicorn(access_log: bool) -> None:
-    """Turn off uvicorn's proxy-header handling in the servers KServe builds (workers included), and
-    its access log unless `access_log`.
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What `LimitedHttpProtocol` enforces on every HTTP connection of a process."""
+
+    header_timeout_s: float  # from a request's first byte to the end of its head; then 408 and close
+    max_header_bytes: int  # request line plus headers; beyond it 431 and close
+    max_connections: int  # open connections; beyond it the longest idle one is closed, or the new one refused
+
+
+def configure_uvicorn(access_log: bool, limits: ConnectionLimits | None = None) -> None:
+    """Turn off uvicorn's proxy-header handling in the servers KServe builds (workers included), its
+    access log unless `access_log`, and serve HTTP with `LimitedHttpProtocol` under `limits`.
 
     Uvicorn rewrites the client address from X-Forwarded-For for peers in FORWARDED_ALLOW_IPS
     (127.0.0.1 by default: every caller behind a local proxy such as Knative's queue-proxy), before
     any middleware runs; the guard would then count whatever address a caller wrote. So it is
-    switched off on the Config of every RESTServer (spawned workers receive that Config pickled).
-    Uvicorn logs a request when its `uvicorn.access` logger has handlers, which KServe's logging
-    configuration gives it (again in each worker process): they are removed after each configuration.
+    switched off on the Config of every RESTServer (spawned workers receive that Config pickled, the
+    protocol and its limits with it). Uvicorn logs a request when its `uvicorn.access` logger has
+    handlers, which KServe's logging configuration gives it (again in each worker process): they are
+    removed after each configuration.
     """
     from kserve import logging as kserve_logging
     from kserve.protocol.rest import server as rest
@@ -80,6 +95,8 @@ def configure_uvicorn(access_log: bool) -> None:
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.config.proxy_headers = False
+        if limits is not None:
+            self.config.http = functools.partial(_limited_http_protocol(), limits=limits)
 
     init.__wrapped__ = original
     rest.RESTServer.__init__ = init
@@ -99,6 +116,176 @@ def _silence_access_log() -> None:
     access = logging.getLogger("uvicorn.access")
     access.handlers = []
     access.propagate = False
+
+
+_408 = b'{"error": {"code": "request_timeout", "message": "The request head did not arrive in time."}}'
+_414 = b'{"error": {"code": "uri_too_long", "message": "The request target is too long."}}'
+_431 = b'{"error": {"code": "headers_too_large", "message": "The request line and headers are too large."}}'
+_503 = b'{"error": {"code": "too_many_connections", "message": "Too many open connections; retry shortly."}}'
+REFUSED_LINGER_S = 1.0  # a refused connection reads (and drops) what its client sent for this long, then closes
+
+
+def _raw_response(status: bytes, body: bytes, *extra: bytes) -> bytes:
+    return b"".join([b"HTTP/1.1 ", status, b"\r\ncontent-type: application/json\r\ncontent-length: ",
+                     str(len(body)).encode(), b"\r\nconnection: close\r\n", *extra, b"\r\n", body])
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a head over the size limit."""
+
+
+def _limited_http_protocol() -> type:
+    """LimitedHttpProtocol: uvicorn's httptools protocol (the one it picks, and KServe's
+    uvicorn[standard] installs) with the connection limits uvicorn 0.55 lacks:
+
+    - idle: uvicorn arms its keep-alive timeout (KServe's --timeout-keep-alive) only after a response,
+      so a connection that never sends a byte was held forever; it is armed on connect too;
+    - head deadline: from the first byte of a request (or of anything while no request is being
+      served) to the end of its headers, `header_timeout_s`; then 408 and close (any data restarted
+      uvicorn's keep-alive timer, so a client trickling its head was held forever);
+    - head size: request line and headers above `max_header_bytes` get 431 (414 when the request
+      target alone passes it) and close (httptools buffers a head of any size; h11's limit does not
+      apply to it);
+    - open connections: at `max_connections`, a new connection closes the one idle longest (no
+      request in progress: closing it is what HTTP keep-alive allows at any time); with none idle,
+      the new connection gets 503 + Retry-After and is closed. uvicorn's limit_concurrency is not
+      used: it answers 503 to requests, /health and the probes included, and closes no idle
+      connection, so it bounds neither descriptors nor memory.
+    """
+    if "LimitedHttpProtocol" in globals():
+        return globals()["LimitedHttpProtocol"]
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class LimitedHttpProtocol(HttpToolsProtocol):
+        def __init__(self, *args, limits: ConnectionLimits, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.limits = limits
+            self.refused = False
+            self.in_head = False  # a request's head has begun and not ended
+            self.heads_begun = 0
+            # Two undercounts of the head in progress, each held to the limit: what the parser has handed
+            # over (request target, whole header lines), and the reads after its first that did not end it.
+            self.head_parsed = self.head_read = 0
+            self.head_too_large: tuple[bytes, bytes] | None = None  # the answer to a head over the limit
+            self.head_timer = None
+            self.last_active = time.monotonic()
+
+        # -- connections: the bound, and the idle timeout from the start
+        def connection_made(self, transport) -> None:
+            if len(self.connections) >= self.limits.max_connections and not self._close_longest_idle():
+                self.transport = transport
+                self._refuse(b"503 Service Unavailable", _503, b"retry-after: 1\r\n")
+                return
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+        def idle(self) -> bool:
+            return self.refused or (not self.in_head and not self.pipeline and not self.transport.is_closing()
+                                    and (self.cycle is None or self.cycle.response_complete))
+
+        def _close_longest_idle(self) -> bool:
+            idle = [c for c in self.connections if isinstance(c, LimitedHttpProtocol) and c.idle()]
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda c: c.last_active)
+            self.connections.discard(oldest)
+            oldest.transport.close()
+            return True
+
+        def connection_lost(self, exc) -> None:
+            self._stop_head_timer()
+            super().connection_lost(exc)
+
+        # -- the head: deadline and size
+        def data_received(self, data: bytes) -> None:
+            if self.refused:
+                return
+            self.last_active = time.monotonic()
+            continuing, begun = self.in_head, self.heads_begun
+            super().data_received(data)
+            if self.refused or self.transport.is_closing():
+                return
+            if self.in_head and continuing and begun == self.heads_begun:  # every byte read was this head's
+                self.head_read += len(data)
+                if self.head_read > self.limits.max_header_bytes:
+                    self._refuse(b"431 Request Header Fields Too Large", _431)
+                    return
+            if self.head_timer is None and (self.in_head or self.idle()):
+                # A head in progress, or bytes that began none (uvicorn stopped the idle timer for them).
+                self.head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.in_head, self.head_parsed, self.head_read = True, 0, 0
+            self.heads_begun += 1
+
+        def _count(self, size: int, answer: tuple[bytes, bytes]) -> None:
+            self.head_parsed += size
+            if self.head_parsed > self.limits.max_header_bytes:
+                self.head_too_large = answer
+                raise _HeadTooLarge  # httptools stops parsing; uvicorn answers through send_400_response
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url), (b"414 URI Too Long", _414))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4, (b"431 Request Header Fields Too Large", _431))
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self.in_head = False
+            self._stop_head_timer()
+            super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            if self.head_too_large:
+                self._refuse(*self.head_too_large)
+            else:
+                super().send_400_response(msg)
+
+        def on_response_complete(self) -> None:
+            self.last_active = time.monotonic()
+            super().on_response_complete()
+
+        def _stop_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self.head_timer = None
+            if self.refused or self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.keep_alive = False  # a pipelined head behind a response: close once it is sent
+                return
+            if self.in_head:
+                self._refuse(b"408 Request Timeout", _408)
+            else:
+                self.transport.close()
+
+        def _refuse(self, status: bytes, body: bytes, *headers: bytes) -> None:
+            """Answer `status` (unless inside another response) and close: the answer, then FIN, then what the
+            client still sends is read and dropped for REFUSED_LINGER_S, so that closing never resets the
+            connection under an answer it has not read."""
+            self.refused = True
+            self._stop_head_timer()
+            self._unset_keepalive_if_required()
+            transport = self.transport
+            if self.cycle is not None and not self.cycle.response_complete:
+                transport.close()
+                return
+            transport.write(_raw_response(status, body, *headers))
+            if transport.can_write_eof():
+                transport.write_eof()
+                self.loop.call_later(REFUSED_LINGER_S, transport.close)
+            else:
+                transport.close()
+
+    LimitedHttpProtocol.__module__, LimitedHttpProtocol.__qualname__ = __name__, "LimitedHttpProtocol"
+    globals()["LimitedHttpProtocol"] = LimitedHttpProtocol
+    return LimitedHttpProtocol
 
 
 def use_grpc_server(server_class: type) -> None:
@@ -190,6 +377,8 @@ def __getattr__(name: str):
     # before_kserve_import); a spawned worker unpickling it by name gets it made here on first lookup.
     if name == "PatientWorkerProcess":
         return _patient_worker_process()
+    if name == "LimitedHttpProtocol":
+        return _limited_http_protocol()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -228,6 +417,15 @@ def problems() -> list[str]:
            "GRPCServer.__init__ no longer keeps _data_plane, _model_repository_extension, _port, _kwargs (GuardedGRPCServer)")
     expect(list(inspect.signature(grpc_server.GRPCServer.start).parameters) == ["self", "max_workers"],
            "GRPCServer.start(max_workers) changed (GuardedGRPCServer overrides it)")
+    from uvicorn.protocols.http import httptools_impl
+
+    http = httptools_impl.HttpToolsProtocol
+    hooks = ("connection_made", "connection_lost", "data_received", "on_message_begin", "on_url", "on_header",
+             "on_headers_complete", "on_response_complete", "send_400_response", "timeout_keep_alive_handler")
+    expect(all(callable(getattr(http, name, None)) for name in hooks)
+           and all(f"self.{name}" in _source(http.__init__) for name in ("pipeline", "connections", "cycle", "timeout_keep_alive_task"))
+           and "send_400_response" in _source(http.data_received),
+           "uvicorn's HttpToolsProtocol no longer has the hooks and state LimitedHttpProtocol extends (configure_uvicorn)")
     expect("logging.configure_logging(" in _source(multiprocess),
            "KServe's worker no longer configures logging through kserve.logging.configure_logging (configure_uvicorn)")
     expect("TimingMiddleware" in _source(rest.RESTServer._add_middlewares),

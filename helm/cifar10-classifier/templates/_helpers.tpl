@@ -292,6 +292,17 @@ Path of the API keys file inside the container (env API_KEYS_FILE), when a Secre
 {{- end }}
 
 {{/*
+Path of the key-id secret file (env KEY_ID_SECRET_FILE), mounted from the API keys' Secret with Redis:
+key ids then leave the process and must be the same on every replica. Without Redis, none: each
+process draws its own.
+*/}}
+{{- define "cifar10.keyIdSecretFile" -}}
+{{- if and .Values.auth.apiKeys.existingSecret (or .Values.redis.existingSecret .Values.redis.url) }}
+{{- printf "%s/%s" (trimSuffix "/" .Values.auth.apiKeys.mountPath) .Values.auth.apiKeys.keyIdSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/*
 Labels KServe puts on the predictor pods (both modes), for the PodDisruptionBudget, the
 NetworkPolicy and the Istio policies.
 */}}
@@ -330,6 +341,9 @@ Checks that a JSON schema cannot express.
 {{- end }}
 {{- if and .Values.auth.apiKeys.existingSecret (has .Values.auth.apiKeys.mountPath (list "/tmp" "/app" "/")) }}
 {{- fail "auth.apiKeys.mountPath must be a folder of its own" }}
+{{- end }}
+{{- if eq .Values.auth.apiKeys.keyIdSecretKey .Values.auth.apiKeys.secretKey }}
+{{- fail "auth.apiKeys.keyIdSecretKey must differ from auth.apiKeys.secretKey: the key-id secret is not an API key" }}
 {{- end }}
 {{- end }}
 
