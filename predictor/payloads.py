@@ -199,10 +199,9 @@ def v2_binary_framing_error(header_length: bytes, body: bytes) -> ApiError | Non
         name, size, shape = item.get("name"), parameters["binary_data_size"], item.get("shape")
         if type(size) is not int or size < 0:
             return invalid(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}.")
-        if item.get("datatype") == "BYTES":
-            return InvalidRequest("unsupported_binary_bytes",
-                            f"BYTES input {name!r} over the binary-data extension is not supported (kserve 0.21 "
-                            "re-encodes it as text); send base64 strings in JSON, or a UINT8 'pixels' tensor as binary.")
+        if item.get("datatype") == "BYTES":  # its elements carry their own lengths: checked when inlined
+            declared += size
+            continue
         item_size = _V2_ITEM_SIZES.get(item.get("datatype"))
         if item_size is None or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             return invalid(f"input {name!r}: binary data needs a fixed-size datatype and a shape of non-negative integers.")
@@ -213,3 +212,45 @@ def v2_binary_framing_error(header_length: bytes, body: bytes) -> ApiError | Non
     if declared != len(body) - int(text):
         return invalid(f"The binary inputs declare {declared} bytes but {len(body) - int(text)} follow the JSON header.")
     return None
+
+
+def bytes_elements(data: bytes, name: str) -> list[bytes]:
+    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then that many bytes."""
+    elements, at = [], 0
+    while at < len(data):
+        if at + 4 > len(data):
+            raise InvalidRequest("invalid_tensor", f"BYTES data of {name!r} is malformed: a length prefix is cut off.")
+        (size,) = struct.unpack_from("<I", data, at)
+        if at + 4 + size > len(data):
+            raise InvalidRequest("invalid_tensor", f"BYTES data of {name!r} is malformed: an element's length "
+                                                  "prefix runs past the data.")
+        elements.append(data[at + 4:at + 4 + size])
+        at += 4 + size
+    return elements
+
+
+def inline_binary_bytes(header_length: int, body: bytes) -> tuple[bytes, int | None]:
+    """A binary-data-extension body (framing already checked) with its BYTES inputs moved into the JSON
+    header as base64 strings, the other binary inputs left after it: kserve 0.21 re-encodes binary BYTES
+    elements as UTF-8 text, which corrupts image files, and tritonclient sends BYTES this way by default.
+    Returns the body and its new JSON header length (None: the body is all JSON now), or the body as it
+    was when it has no binary BYTES input."""
+    try:
+        header = orjson.loads(body[:header_length])
+    except orjson.JSONDecodeError:
+        return body, header_length  # KServe's parser reports it precisely
+    inputs = header.get("inputs") if isinstance(header, dict) else None
+    binary = [(i, i["parameters"]) for i in inputs if isinstance(i, dict) and isinstance(i.get("parameters"), dict)
+              and "binary_data_size" in i["parameters"]] if isinstance(inputs, list) else []
+    if not any(item.get("datatype") == "BYTES" for item, _ in binary):
+        return body, header_length
+    rest, at = [], header_length
+    for item, parameters in binary:
+        data, at = body[at:at + parameters["binary_data_size"]], at + parameters["binary_data_size"]
+        if item.get("datatype") == "BYTES":
+            item["data"] = [base64.b64encode(e).decode() for e in bytes_elements(data, item.get("name"))]
+            item["parameters"] = {k: v for k, v in parameters.items() if k != "binary_data_size"}
+        else:
+            rest.append(data)
+    head = orjson.dumps(header)
+    return head + b"".join(rest), len(head) if rest else None

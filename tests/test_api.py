@@ -131,15 +131,25 @@ def test_v2_uint8_json_and_binary(server):
     assert np.allclose(np.array(out["probabilities"]["data"]).reshape(3, 10), rows, atol=1e-6)
 
 
-def test_v2_binary_bytes_is_a_clear_400(server, cifar_jpegs):
-    data = cifar_jpegs["cat_0000.jpg"]
-    element = len(data).to_bytes(4, "little") + data
-    header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
-                                     "parameters": {"binary_data_size": len(element)}}]}).encode()
-    response = server.client.post(V2, content=header + element, headers={
-        "content-type": "application/octet-stream", "inference-header-content-length": str(len(header))})
-    # Well-framed (the size matches the bytes sent), so the refusal is the specific one the README documents.
-    assert_error(response, 400, "unsupported_binary_bytes")
+def test_v2_binary_bytes_are_the_files(server, cifar_jpegs):
+    """BYTES over the binary-data extension (tritonclient's default for BYTES): each element a 4-byte
+    little-endian length and the file's bytes, classified as the file; a length prefix that runs past its
+    tensor is a 400 naming the input."""
+    files = [cifar_jpegs["cat_0000.jpg"], cifar_jpegs["ship_0000.jpg"]]
+    elements = b"".join(len(data).to_bytes(4, "little") + data for data in files)
+
+    def send(tensor: bytes, shape: int) -> httpx.Response:
+        header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [shape],
+                                         "parameters": {"binary_data_size": len(tensor)}}]}).encode()
+        return server.client.post(V2, content=header + tensor, headers={
+            "content-type": "application/octet-stream", "inference-header-content-length": str(len(header))})
+
+    response = send(elements, 2)
+    assert response.status_code == 200, response.text
+    label = next(o for o in response.json()["outputs"] if o["name"] == "label")
+    assert label["data"] == ["cat", "ship"]
+    broken = (len(files[0]) + 100).to_bytes(4, "little") + files[0]
+    assert "'image'" in assert_error(send(broken, 1), 400, "invalid_tensor")["error"]
 
 
 def test_v2_metadata_and_health(server):

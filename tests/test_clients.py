@@ -122,11 +122,11 @@ def test_tritonclient_http_infers_bytes_and_uint8(served, cifar_jpegs, seed, pix
     import base64
 
     client = triton_http.InferenceServerClient(f"127.0.0.1:{served.port}")
-    # OIP JSON carries BYTES as strings: base64 of the file. (Binary BYTES elements are refused: kserve 0.21
-    # corrupts them, README.)
+    # OIP JSON carries BYTES as strings: base64 of the file; binary (tritonclient's default) the file's bytes.
     image = triton_http.InferInput("image", [1], "BYTES")
-    image.set_data_from_numpy(np.array([base64.b64encode(cifar_jpegs["ship_0000.jpg"])], dtype=np.object_),
-                              binary_data=False)
+    file = cifar_jpegs["ship_0000.jpg"]
+    image.set_data_from_numpy(np.array([file if binary else base64.b64encode(file)], dtype=np.object_),
+                              binary_data=binary)
     pixel_input = triton_http.InferInput("pixels", list(pixels.shape), "UINT8")
     pixel_input.set_data_from_numpy(pixels, binary_data=binary)
     outputs = [triton_http.InferRequestedOutput("label", binary_data=binary),
