@@ -219,7 +219,8 @@ def test_default_knative_on_a_gpu_node():
     assert route["gateways"] == ["knative-serving/knative-ingress-gateway"]
     http = route["http"][0]
     assert [m["uri"].get("exact") for m in http["match"]] == [
-        "/classify/image", "/classify/batch", "/health", "/docs", "/openapi.json", "/v1/models/cifar10-resnet18:predict",
+        "/classify/image", "/classify/batch", "/health", "/docs", "/openapi.json", "/docs/swagger-ui-bundle.js",
+        "/docs/swagger-ui.css", "/docs/start.js", "/docs/favicon.png", "/v1/models/cifar10-resnet18:predict",
         "/v1/models/cifar10-resnet18:explain", "/v2/models/cifar10-resnet18/infer", "/", "/ui/app.js", "/ui/style.css",
         "/classify/jobs", None]
     job_path = re.compile(http["match"][-1]["uri"]["regex"])  # Envoy's regex match is a full match
@@ -438,6 +439,26 @@ def test_the_jwt_rules_and_selectors(values_file):
     assert policy["spec"]["action"] == "ALLOW"
     pods = one(objects, "PodMonitor")["spec"]["selector"]["matchLabels"]
     assert authn["spec"]["selector"]["matchLabels"] == policy["spec"]["selector"]["matchLabels"] == pods
+
+
+def test_the_files_docs_loads_are_routed_and_public_wherever_docs_is():
+    """/docs loads Swagger UI from the predictor itself (predictor.serving.docs.ASSETS): the route and the
+    JWT allow-list carry those files wherever they carry /docs, or the page is blank through the ingress."""
+    from predictor.serving.docs import ASSETS
+
+    assets = {f"/docs/{name}" for name in ASSETS}
+    objects = render(CHART / "ci" / "secure-standard-values.yaml")
+    routed = {m["uri"].get("exact") for http in one(objects, "VirtualService")["spec"]["http"] for m in http["match"]}
+    public = {p for rule in one(objects, "AuthorizationPolicy")["spec"]["rules"] for op in rule.get("to", [])
+              for p in op["operation"].get("paths", []) if set(op["operation"].get("methods", [])) <= {"GET", "HEAD"}}
+    assert "/docs" in routed and assets <= routed, routed
+    assert "/docs" in public and assets <= public, public
+    without = render(CHART / "ci" / "secure-standard-values.yaml", sets=("istio.virtualService.paths={/classify/image}",
+                                                                          "auth.jwt.publicPaths={/health}"))
+    routed = {m["uri"].get("exact") for http in one(without, "VirtualService")["spec"]["http"] for m in http["match"]}
+    public = {p for rule in one(without, "AuthorizationPolicy")["spec"]["rules"] for op in rule.get("to", [])
+              for p in op["operation"].get("paths", [])}
+    assert not assets & routed and not assets & public
 
 
 JWT_ONLY = ("auth.jwt.enabled=true", "auth.jwt.issuer=https://issuer.example", "auth.jwt.jwksUri=https://issuer.example/jwks")

@@ -225,6 +225,8 @@ def test_the_evaluator_can_tell():
 
 
 # -- the ingress exposes only prediction, health and docs ---------------------------------------------
+# What the /docs page loads from the predictor (predictor/serving/docs.py), routed wherever /docs is.
+DOCS_ASSETS = ("/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css", "/docs/start.js", "/docs/favicon.png")
 @pytest.mark.parametrize("values_file", VALUE_SETS, ids=IDS)
 def test_only_prediction_health_and_docs_are_reachable_from_outside(values_file):
     objects = render(values_file)
@@ -233,7 +235,7 @@ def test_only_prediction_health_and_docs_are_reachable_from_outside(values_file)
     if not routes:
         return
     model = next(a.split("=", 1)[1] for a in predictor_container(objects)["args"] if a.startswith("--model_name="))
-    allowed = {p.format(model=model) for p in PREDICTION_PATHS} | {"/health", "/docs", "/openapi.json"}
+    allowed = {p.format(model=model) for p in PREDICTION_PATHS} | {"/health", "/docs", "/openapi.json"} | set(DOCS_ASSETS)
     if {e["name"]: e.get("value") for e in predictor_container(objects)["env"]}.get("UI") == "true":
         allowed |= {"/", "/ui/app.js", "/ui/style.css"}  # the demo page (predictor/ui), a page like /docs
     for http in routes[0]["spec"]["http"]:

@@ -19,7 +19,8 @@ def error_kinds() -> set[str]:
 
 def raised_codes() -> set[str]:
     """The `code` of every domain error built in the serving code (its first argument, a string literal),
-    the codes of the kinds that fix their own, and those given to the framework's own HTTP errors."""
+    the codes of the kinds that fix their own, those given to the framework's own HTTP errors, and those
+    the HTTP protocol answers itself before any request reaches the app (connection limits)."""
     kinds = error_kinds()
     found = set()
     for path in SERVING_CODE:
@@ -30,7 +31,9 @@ def raised_codes() -> set[str]:
             if name in kinds and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
                 found.add(node.args[0].value)
     fixed = (errors.DeadlineExceeded(), errors.Overloaded("x"), errors.MethodNotAllowed("GET", "POST"), StoreUnavailable("x"))
-    return found | {e.code for e in fixed} | set(http_errors.STARLETTE_CODES.values()) | {http_errors.OTHER_HTTP_ERROR}
+    protocol = set(re.findall(r'"code": "([a-z_]+)"', (ROOT / "predictor" / "serving" / "kserve_compat.py").read_text()))
+    return (found | {e.code for e in fixed} | set(http_errors.STARLETTE_CODES.values()) | {http_errors.OTHER_HTTP_ERROR}
+            | protocol)
 
 
 def documented_codes() -> set[str]:

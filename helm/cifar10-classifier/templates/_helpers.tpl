@@ -348,6 +348,14 @@ Checks that a JSON schema cannot express.
 {{- end }}
 
 {{/*
+The files /docs loads (Swagger UI and its start-up script, served by the predictor, no CDN), as a JSON
+list: routed, and public to GET under auth.jwt, wherever /docs itself is.
+*/}}
+{{- define "cifar10.docsAssetPaths" -}}
+["/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css", "/docs/start.js", "/docs/favicon.png"]
+{{- end }}
+
+{{/*
 The demo page and its two files (ui.enabled), as a JSON list: routed, and public to GET under auth.jwt.
 */}}
 {{- define "cifar10.uiPaths" -}}
