@@ -3,19 +3,57 @@
 `build_router(model)` returns the routes; `predictor.app.install` puts them on the app ahead of
 KServe's own, so `/health` and `/metrics` here win over KServe's. The multipart routes call the data
 plane (predictor.dataplane) directly.
+
+`POST /classify/image`, the hot route, is a plain Starlette endpoint: FastAPI's per-request machinery
+(dependency solving, validation models, response encoding) buys it nothing, its query parameter and
+form field are checked here in its own words, and its answer is rendered once with orjson. A FastAPI
+route with the same signature follows it only to describe it in /openapi.json (and /docs).
 """
 
 from importlib import metadata as package_metadata
 
+import orjson
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.exceptions import HTTPException
 
 from predictor.core import metrics
-from predictor.core.errors import ApiError, NotFound, PayloadTooLarge, Unavailable
+from predictor.core.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UnprocessableRequest
 from predictor.model import Cifar10Classifier
 from predictor.payloads import SERVER_EXTENSIONS, timestamp
 from predictor.serving.http_errors import error_response
 
 NOT_READY = Unavailable("model_not_ready", "The model is not loaded yet.")
+MAX_TOP_K = 10
+
+
+def top_k_of(request: Request) -> int | None:
+    """The `top_k` query parameter: absent, or an integer from 1 to MAX_TOP_K (else 422, as FastAPI's
+    validation answers on the other routes)."""
+    raw = request.query_params.get("top_k")
+    if raw is None:
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 3 and 1 <= int(raw) <= MAX_TOP_K):
+        raise UnprocessableRequest("invalid_request", f"query.top_k: must be an integer from 1 to {MAX_TOP_K}.")
+    return int(raw)
+
+
+async def uploaded_file(request: Request, field: str) -> bytes:
+    """The bytes of the multipart file part `field`, parsed as FastAPI parses a File() parameter (the
+    same parser and limits: a malformed body is its 400, a missing or non-file field a 422)."""
+    try:
+        form = await request.form()
+    except HTTPException:  # the parser's refusals (400), or the guard's size limit met while reading
+        raise
+    except Exception:  # noqa: BLE001: as FastAPI answers any other failure to parse a body
+        raise InvalidRequest("bad_request", "There was an error parsing the body") from None
+    try:
+        upload = form.get(field)
+        if not isinstance(upload, StarletteUploadFile):
+            raise UnprocessableRequest("invalid_request", f"body.{field}: a multipart file field `{field}` is required.")
+        return await upload.read()
+    finally:
+        await form.close()
 
 
 def build_router(model: Cifar10Classifier) -> APIRouter:
@@ -28,21 +66,30 @@ def build_router(model: Cifar10Classifier) -> APIRouter:
             raise NOT_READY
         return model.dataplane
 
-    @router.post("/classify/image", tags=["classify"], summary="Classify one uploaded image")
-    async def classify_image(request: Request, response: Response,
-                             file: UploadFile = File(..., description="JPEG or PNG image"),
-                             top_k: int | None = Query(None, ge=1, le=10, description="also return the k best classes")):
-        """Multipart field `file` -> the seed's JSON: predicted_class, confidence, all_probabilities, timestamp."""
-        (result,), hit = await serving().classify([await file.read()], top_k, request.state.api_key_id)
-        response.headers["X-Cache"] = "hit" if hit else "miss"
+    async def classify_image(request: Request) -> Response:
+        top_k = top_k_of(request)
+        dataplane = serving()
+        (result,), hit = await dataplane.classify([await uploaded_file(request, "file")], top_k, request.state.api_key_id)
         if isinstance(result, ApiError):
             raise result
-        return {**result, "timestamp": timestamp(), "model_version": model.version}
+        body = orjson.dumps({**result, "timestamp": timestamp(), "model_version": model.version})
+        return Response(body, media_type="application/json", headers={"X-Cache": "hit" if hit else "miss"})
+
+    router.add_route("/classify/image", classify_image, methods=["POST"], include_in_schema=False)
+
+    # Matched only by the document: the endpoint above comes first. Its signature is the route's schema.
+    @router.post("/classify/image", tags=["classify"], summary="Classify one uploaded image",
+                 responses={200: {"headers": {"X-Cache": {"description": "hit or miss", "schema": {"type": "string"}}}}})
+    async def classify_image_described(request: Request, file: UploadFile = File(..., description="JPEG or PNG image"),
+                                       top_k: int | None = Query(None, ge=1, le=MAX_TOP_K,
+                                                                 description="also return the k best classes")):
+        """Multipart field `file` -> the seed's JSON: predicted_class, confidence, all_probabilities, timestamp."""
+        return await classify_image(request)
 
     @router.post("/classify/batch", tags=["classify"], summary="Classify several uploaded images")
     async def classify_batch(request: Request, response: Response,
                              files: list[UploadFile] = File(..., description="JPEG or PNG images"),
-                             top_k: int | None = Query(None, ge=1, le=10)):
+                             top_k: int | None = Query(None, ge=1, le=MAX_TOP_K)):
         """Multipart fields `files` -> {"results": [...]} in input order; a bad file gets an error object in its slot."""
         limit = model.settings.max_batch_files
         if len(files) > limit:
