@@ -65,16 +65,18 @@ evaluate: install data
 	$(PY) -m predictor.training.evaluate --data $(DATA_DIR)/train
 
 # Throughput/latency of the predictor vs its peers (bench/peers/), the seed-style baseline and the
-# model alone, and past saturation; gRPC (BYTES, UINT8) beside multipart; then the workers x threads
-# table the chart's defaults come from (run on a quiet machine).
+# model alone, and past saturation; gRPC (BYTES, UINT8) beside multipart; the stack's own cost per
+# request kind with a null model, the predictor's and the peers'; then the workers x threads table the
+# chart's defaults come from (run on a quiet machine).
 bench: install bench-peers
 	$(PY) bench/run.py
 	$(PY) bench/grpc_vs_multipart.py
+	$(PY) bench/stack_cost.py
 	$(PY) bench/scaling.py
 
 # The servers a user would pick instead, each in a virtual environment of its own (pinned in
 # bench/peers/requirements-*.txt; remade when those change).
-PEERS := mlserver bentoml ray
+PEERS := mlserver bentoml ray triton
 PEER_VENVS := .cache/bench-peers
 bench-peers: $(foreach p,$(PEERS),$(PEER_VENVS)/$(p)/.installed)
 
@@ -82,6 +84,18 @@ $(PEER_VENVS)/%/.installed: bench/peers/requirements-%.txt
 	$(PYTHON) -m venv $(PEER_VENVS)/$*
 	$(PEER_VENVS)/$*/bin/python -m pip install --quiet --upgrade pip
 	$(PEER_VENVS)/$*/bin/python -m pip install --quiet -r $<
+	touch $@
+
+# Triton's Python-backend stub (started by PyTriton for each model) links Debian's libpython3.11, so
+# Triton's environment is made with Debian's own python3.11 (from Debian's packages if missing), not
+# another build of 3.11 such as $(PYTHON); an environment made from another one is made anew.
+DEBIAN_PYTHON := /usr/bin/python3.11
+$(PEER_VENVS)/triton/.installed: bench/peers/requirements-triton.txt
+	dpkg -s python3.11-venv python3.11-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq python3.11-venv python3.11-dev; }
+	grep -qs '^executable = $(DEBIAN_PYTHON)$$' $(PEER_VENVS)/triton/pyvenv.cfg || rm -rf $(PEER_VENVS)/triton
+	$(DEBIAN_PYTHON) -m venv $(PEER_VENVS)/triton
+	$(PEER_VENVS)/triton/bin/python -m pip install --quiet --upgrade pip
+	$(PEER_VENVS)/triton/bin/python -m pip install --quiet -r $<
 	touch $@
 
 # 10 minutes at 80 % of saturation: RSS growth and error count (not in CI).

@@ -1,9 +1,10 @@
 """HTTP load with real CIFAR-10 JPEGs: closed loop (C concurrent clients for a fixed time) and open loop
 (requests started at a fixed rate whatever the answers do).
 
-Closed loop: each client posts multipart `file` uploads (or raw image bodies) back to back over a keep-alive
-connection; throughput and latencies count the successful (200) requests, and 503s (load shedding) are
-counted apart, with their own latency (a refusal must be fast to be worth anything).
+Closed loop: each client posts multipart `file` uploads (or raw image bodies, or prepared bodies with their
+headers: v2 JSON or binary requests, bench/v2_requests.py) back to back over a keep-alive connection;
+throughput and latencies count the successful (200, or the status `ok` names) requests, and 503s (load
+shedding) are counted apart, with their own latency (a refusal must be fast to be worth anything).
 The generator reports its own CPU time so it can be shown not to be the bottleneck.
 """
 
@@ -48,7 +49,8 @@ class Samples:
     wall_seconds: float
 
 
-async def _collect(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float, raw: bool) -> Samples:
+async def _collect(url: str, images: list, concurrency: int, seconds: float, warmup: float, raw: bool,
+                   prepared: bool = False, ok: int = 200) -> Samples:
     latencies: list[float] = []
     refusals: list[float] = []
     errors = 0
@@ -64,7 +66,9 @@ async def _collect(url: str, images: list[bytes], concurrency: int, seconds: flo
             nonlocal errors
             while (now := time.perf_counter()) < stop_at:
                 image = images[next(counter) % len(images)]
-                if raw:  # the image as the whole body (KServe v1 :predict / :explain)
+                if prepared:  # (body, headers) as built by the caller
+                    request = {"data": image[0], "headers": image[1]}
+                elif raw:  # the image as the whole body (KServe v1 :predict / :explain)
                     request = {"data": image, "headers": {"content-type": "image/jpeg"}}
                 else:
                     form = aiohttp.FormData()
@@ -77,9 +81,9 @@ async def _collect(url: str, images: list[bytes], concurrency: int, seconds: flo
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     status = 0
                 if now >= measure_from:
-                    if status in (200, 503):
-                        (latencies if status == 200 else refusals).append(time.perf_counter() - now)
-                    errors += status not in (200, 503)
+                    if status in (ok, 503):
+                        (latencies if status == ok else refusals).append(time.perf_counter() - now)
+                    errors += status not in (ok, 503)
 
         cpu_before = _cpu_seconds()
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -105,16 +109,18 @@ def summarize(parts: list[Samples], concurrency: int, seconds: float) -> LoadRes
     )
 
 
-def collect(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float = 2.0,
-            raw: bool = False) -> Samples:
+def collect(url: str, images: list, concurrency: int, seconds: float, warmup: float = 2.0,
+            raw: bool = False, prepared: bool = False, ok: int = 200) -> Samples:
     """The raw samples of one load generator (for several side by side, in processes of their own)."""
-    return asyncio.run(_collect(url, images, concurrency, seconds, warmup, raw))
+    return asyncio.run(_collect(url, images, concurrency, seconds, warmup, raw, prepared, ok))
 
 
-def run_load(url: str, images: list[bytes], concurrency: int, seconds: float, warmup: float = 2.0,
-             raw: bool = False) -> LoadResult:
-    """Multipart `file` uploads, or with `raw` each image as the whole request body."""
-    return summarize([collect(url, images, concurrency, seconds, warmup, raw)], concurrency, seconds)
+def run_load(url: str, images: list, concurrency: int, seconds: float, warmup: float = 2.0,
+             raw: bool = False, prepared: bool = False, ok: int = 200) -> LoadResult:
+    """Multipart `file` uploads; with `raw` each image as the whole request body; with `prepared`, `images`
+    are (body, headers) pairs sent as they are. `ok`: the status that counts as answered (200; a refusal
+    benchmark counts its 401s)."""
+    return summarize([collect(url, images, concurrency, seconds, warmup, raw, prepared, ok)], concurrency, seconds)
 
 
 def rss_mib(pid: int) -> float:

@@ -14,7 +14,11 @@ local cluster is not idle when idle:
   and the same with one intra-op thread per request thread (no oversubscription of the cores);
 - the peers (bench/peers/): what a user could run instead on the same engine, decoding and answer, no gates:
   a plain Starlette server with one int8 ONNX Runtime call per request, MLServer's adaptive batching,
-  BentoML's adaptive batching, Ray Serve's @serve.batch (each in its own environment, `make bench-peers`).
+  BentoML's adaptive batching, Ray Serve's @serve.batch, and Triton's dynamic batcher through PyTriton
+  (each in its own environment, `make bench-peers`). Triton has no multipart endpoint: it is measured in
+  two pairings, the predictor's multipart uploads against Triton's v2 infer with the files as BYTES
+  (tritonclient's default binary form), and the predictor's v2 binary UINT8 `pixels` request against the
+  identical request to Triton (the row "predictor, v2 binary pixels").
 Each server's idle RSS (its process tree's) is read once it is ready. Then the predictor past saturation:
 1,024 closed-loop clients and an open-loop offered rate of 4x its best rate of the sweep.
 Then the model alone, per engine and precision, at batch 1 and at the served batch size. Writes
@@ -44,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import open_loop, run_load  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
+from bench.v2_requests import http_load  # noqa: E402
 from predictor.engines.devices import usable_cores  # noqa: E402
 from predictor.engines.onnx_int8 import OnnxEngine, onnx_int8_path  # noqa: E402
 from predictor.engines.torch_engine import InferenceEngine  # noqa: E402
@@ -204,6 +209,7 @@ def main() -> None:
         return start(which.command(port), f"http://127.0.0.1:{port}{which.ready_path}", which.environment())
 
     caches = tempfile.mkdtemp(prefix="bench-caches-")  # a new pod on a new node: nothing cached
+    v2_infer = "/v2/models/cifar10-resnet18/infer"
     launch = {
         "predictor": (18180, lambda: predictor(18180, *args.server_args,
                                                 env={"TORCHINDUCTOR_CACHE_DIR": caches, "TRITON_CACHE_DIR": caches})),
@@ -215,13 +221,21 @@ def main() -> None:
     }
     if args.only:
         launch = {name: how for name, how in launch.items() if name == "predictor" or any(w in name for w in args.only)}
+    # What each server is measured with: (row, path, request kind); multipart /classify/image unless its peer
+    # says otherwise. The predictor's v2 binary pixels row is the other side of a peer's (Triton's).
+    measured = {name: [(name, "/classify/image", "multipart")] for name in launch}
+    for p in PEERS:
+        if p.name in launch:
+            measured[p.name] = [(p.row_name(suffix), path, kind) for suffix, path, kind in p.rows]
+    if any(kind == "v2-binary-pixels" for rows in measured.values() for _, _, kind in rows):
+        measured["predictor"].append(("predictor, v2 binary pixels", v2_infer, "v2-binary-pixels"))
     # A local Ray cluster keeps ~0.1 core busy while idle: Ray Serve is measured alone, after the others.
     alone = {p.name for p in PEERS if p.venv == "ray"}
     images = load_images(20)
     results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                           f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
                "seconds_per_point": args.seconds, "start_to_ready_seconds": {}, "idle_rss_mb": {},
-               "servers": {name: [] for name in launch}}
+               "servers": {row: [] for rows in measured.values() for row, _, _ in rows}}
 
     def launched(names) -> dict:
         servers = {}
@@ -230,17 +244,19 @@ def main() -> None:
             process, results["start_to_ready_seconds"][name] = launcher()
             time.sleep(2)  # idle: nothing left of the start-up
             results["idle_rss_mb"][name] = tree_rss_mb(process.pid)
-            servers[name] = (process, f"http://127.0.0.1:{port}/classify/image")
+            servers[name] = (process, [(row, f"http://127.0.0.1:{port}{path}", *http_load(kind, images))
+                                       for row, path, kind in measured[name]])
         return servers
 
     def sweep(servers: dict) -> None:
         for concurrency in args.concurrency:
-            for name, (_, url) in servers.items():
-                result = run_load(url, images, concurrency, args.seconds)
-                results["servers"][name].append(asdict(result))
-                print(f"{name:>36} c={concurrency:<4} {result.throughput:7.1f} req/s  p50 {result.p50_ms:7.1f} ms  "
-                      f"p95 {result.p95_ms:7.1f}  p99 {result.p99_ms:7.1f}  errors {result.errors}  shed {result.shed}  "
-                      f"client CPU {result.client_cpu_share:.2f} core", flush=True)
+            for _, rows in servers.values():
+                for row, url, items, options in rows:
+                    result = run_load(url, items, concurrency, args.seconds, **options)
+                    results["servers"][row].append(asdict(result))
+                    print(f"{row:>36} c={concurrency:<4} {result.throughput:7.1f} req/s  p50 {result.p50_ms:7.1f} ms  "
+                          f"p95 {result.p95_ms:7.1f}  p99 {result.p99_ms:7.1f}  errors {result.errors}  shed {result.shed}  "
+                          f"client CPU {result.client_cpu_share:.2f} core", flush=True)
 
     for block in ([n for n in launch if n not in alone], [n for n in launch if n in alone]):
         servers = launched(block)
@@ -249,7 +265,8 @@ def main() -> None:
                 results["predictor_serves"] = served_engine("http://127.0.0.1:18180")
             sweep(servers)
             if "predictor" in servers:
-                results["overload"] = overload(servers["predictor"], results["servers"]["predictor"], images, args.seconds)
+                process, rows = servers["predictor"]
+                results["overload"] = overload((process, rows[0][1]), results["servers"]["predictor"], images, args.seconds)
         finally:
             for process, _ in servers.values():
                 stop(process)
@@ -271,7 +288,7 @@ def main() -> None:
     print(f"start to ready (s): {results['start_to_ready_seconds']}")
     print(f"idle RSS (MB): {results['idle_rss_mb']}\n")
     rows = {name: {r["concurrency"]: r for r in found} for name, found in results["servers"].items()}
-    peers = [p.name for p in PEERS if p.name in rows]
+    peers = [p.name for p in PEERS if p.name in rows]  # those that take the same multipart uploads
     for r in results["servers"]["predictor"]:
         level = r["concurrency"]
         line = f"c={level}: predictor {r['throughput']} req/s (p50 {r['p50_ms']} ms)"
@@ -283,6 +300,14 @@ def main() -> None:
         if "seed-style baseline" in rows:
             line += f"; {r['throughput'] / rows['seed-style baseline'][level]['throughput']:.2f}x the seed-style baseline"
         print(line + f"; {r['throughput'] / results['model_only_images_per_second']:.0%} of the model alone")
+    for p in PEERS:  # a peer without multipart (Triton): its own pairings
+        for suffix, _, kind in p.rows if p.name in launch and p.name not in rows else ():
+            ours = "predictor" if kind.startswith("v2-binary-bytes") else "predictor, v2 binary pixels"
+            theirs = p.row_name(suffix)
+            for level in rows[ours]:
+                a, b = rows[ours][level], rows[theirs][level]
+                print(f"c={level}: {ours} {a['throughput']} req/s (p50 {a['p50_ms']} ms, p99 {a['p99_ms']} ms) vs {theirs} "
+                      f"{b['throughput']} req/s (p50 {b['p50_ms']} ms, p99 {b['p99_ms']} ms): {a['throughput'] / b['throughput']:.2f}x")
     print()
     print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | shed (503) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -3,6 +3,8 @@ POST /classify/image (a custom handler, so the benchmark's multipart uploads rea
 
     python bench/peers/mlserver_runtime.py --port 8093     # in MLServer's own environment (make bench-peers)
 
+Its v2 infer (JSON, and gRPC on port + 1000) takes the `image` input as BYTES (the files: base64 in JSON,
+as the predictor's v2 JSON) or a UINT8 [N, 32, 32, 3] tensor.
 The handler decodes the upload and calls `self.predict` with a one-image UINT8 tensor; MLServer's
 adaptive batching has replaced `predict` by then, so concurrent calls share a forward pass
 (max_batch_size and max_batch_time as the predictor's defaults: 32 images, 2 ms). One process
@@ -10,6 +12,7 @@ adaptive batching has replaced `predict` by then, so concurrent calls share a fo
 """
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -19,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 from fastapi import Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
 from mlserver import MLModel  # noqa: E402
@@ -29,9 +33,16 @@ from mlserver.types import InferenceRequest, InferenceResponse  # noqa: E402
 from starlette.datastructures import UploadFile  # noqa: E402
 
 from bench.peers.common import answers, decode_image, engine  # noqa: E402
+from predictor.core.imaging import JPEG_MAGIC, PNG_MAGIC  # noqa: E402
 
 MAX_BATCH_SIZE = 32
 MAX_BATCH_TIME_S = 0.002
+
+
+def _file(item) -> bytes:
+    """A BYTES element as MLServer hands it over: base64 text from JSON, the file itself from gRPC."""
+    data = item.encode() if isinstance(item, str) else bytes(item)
+    return data if data.startswith((JPEG_MAGIC, PNG_MAGIC)) else base64.b64decode(data)
 
 
 class Cifar10Runtime(MLModel):
@@ -40,7 +51,11 @@ class Cifar10Runtime(MLModel):
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        images = NumpyCodec.decode_input(payload.inputs[0])
+        tensor = payload.inputs[0]
+        if tensor.datatype == "BYTES":  # the files: base64 strings over JSON, the bytes themselves over gRPC
+            images = np.stack([decode_image(_file(item)) for item in tensor.data.root])
+        else:
+            images = NumpyCodec.decode_input(tensor)
         return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("logits", self._engine.logits(images))])
 
     @custom_handler(rest_path="/classify/image", rest_method="POST")
