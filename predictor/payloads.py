@@ -8,14 +8,16 @@ from datetime import datetime, timezone
 import numpy as np
 import orjson
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
+from kserve.protocol.rest.v2_datamodels import InferenceRequest
+from pydantic import ValidationError
 
 from predictor.cifar import CLASSES, IMAGE_SIZE
-from predictor.core.errors import ApiError, InvalidRequest, PayloadTooLarge
+from predictor.core.errors import ApiError, InvalidRequest, PayloadTooLarge, UnprocessableRequest
 
 PIXELS_SHAPE = [-1, IMAGE_SIZE, IMAGE_SIZE, 3]
 V2_INPUTS = [
     {"name": "image", "datatype": "BYTES", "shape": [-1],
-     "parameters": {"content": "a JPEG or PNG file per element: base64 in JSON, the file's bytes over gRPC"}},
+     "parameters": {"content": "a JPEG or PNG file per element: base64 in JSON, the file's bytes over gRPC and the binary-data extension"}},
     {"name": "pixels", "datatype": "UINT8", "shape": PIXELS_SHAPE,
      "parameters": {"content": "RGB images, HWC, already 32x32 (JSON, binary-data extension or gRPC)"}},
 ]
@@ -44,6 +46,36 @@ def json_object(body: bytes) -> dict:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest("invalid_json", f"The body is neither an image nor valid JSON: {exc}") from None
+
+
+def v2_request(body: bytes, json_length: int | None, model_name: str) -> InferRequest:
+    """A v2 REST body -> InferRequest: all JSON, or (the binary-data extension, `json_length` given, its
+    framing already checked by the guard) a JSON header followed by the binary inputs' bytes, which stay
+    bytes (kserve 0.21's own parser turns them into Python lists, and BYTES elements into text). The
+    JSON is held to the OIP schema (KServe's InferenceRequest model): a body that breaks it is a 422."""
+    if json_length is None:
+        document = body
+    else:
+        try:
+            header = orjson.loads(body[:json_length])
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest("invalid_json", f"The JSON header is not valid JSON: {exc}") from None
+        inputs = header.get("inputs") if isinstance(header, dict) else None
+        for item in inputs if isinstance(inputs, list) else ():
+            if isinstance(item, dict) and isinstance(item.get("parameters"), dict) and "binary_data_size" in item["parameters"]:
+                item.setdefault("data", [])  # the schema wants data; these inputs carry theirs after the header
+        document = orjson.dumps(header)
+    try:
+        request = InferRequest.from_inference_request(InferenceRequest.model_validate_json(document), model_name)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in ('body', *e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UnprocessableRequest("invalid_request", problems) from None
+    at = json_length or 0
+    for tensor in request.inputs if json_length is not None else ():
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is not None:
+            tensor._raw_data, tensor._data, at = body[at:at + size], None, at + size
+    return request
 
 
 def v1_instances(body: dict, max_images: int) -> list[bytes]:
@@ -213,44 +245,3 @@ def v2_binary_framing_error(header_length: bytes, body: bytes) -> ApiError | Non
         return invalid(f"The binary inputs declare {declared} bytes but {len(body) - int(text)} follow the JSON header.")
     return None
 
-
-def bytes_elements(data: bytes, name: str) -> list[bytes]:
-    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then that many bytes."""
-    elements, at = [], 0
-    while at < len(data):
-        if at + 4 > len(data):
-            raise InvalidRequest("invalid_tensor", f"BYTES data of {name!r} is malformed: a length prefix is cut off.")
-        (size,) = struct.unpack_from("<I", data, at)
-        if at + 4 + size > len(data):
-            raise InvalidRequest("invalid_tensor", f"BYTES data of {name!r} is malformed: an element's length "
-                                                  "prefix runs past the data.")
-        elements.append(data[at + 4:at + 4 + size])
-        at += 4 + size
-    return elements
-
-
-def inline_binary_bytes(header_length: int, body: bytes) -> tuple[bytes, int | None]:
-    """A binary-data-extension body (framing already checked) with its BYTES inputs moved into the JSON
-    header as base64 strings, the other binary inputs left after it: kserve 0.21 re-encodes binary BYTES
-    elements as UTF-8 text, which corrupts image files, and tritonclient sends BYTES this way by default.
-    Returns the body and its new JSON header length (None: the body is all JSON now), or the body as it
-    was when it has no binary BYTES input."""
-    try:
-        header = orjson.loads(body[:header_length])
-    except orjson.JSONDecodeError:
-        return body, header_length  # KServe's parser reports it precisely
-    inputs = header.get("inputs") if isinstance(header, dict) else None
-    binary = [(i, i["parameters"]) for i in inputs if isinstance(i, dict) and isinstance(i.get("parameters"), dict)
-              and "binary_data_size" in i["parameters"]] if isinstance(inputs, list) else []
-    if not any(item.get("datatype") == "BYTES" for item, _ in binary):
-        return body, header_length
-    rest, at = [], header_length
-    for item, parameters in binary:
-        data, at = body[at:at + parameters["binary_data_size"]], at + parameters["binary_data_size"]
-        if item.get("datatype") == "BYTES":
-            item["data"] = [base64.b64encode(e).decode() for e in bytes_elements(data, item.get("name"))]
-            item["parameters"] = {k: v for k, v in parameters.items() if k != "binary_data_size"}
-        else:
-            rest.append(data)
-    head = orjson.dumps(header)
-    return head + b"".join(rest), len(head) if rest else None

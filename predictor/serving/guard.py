@@ -30,7 +30,7 @@ from predictor.core.errors import (
     Unavailable,
     UnsupportedMediaType,
 )
-from predictor.payloads import inline_binary_bytes, v2_binary_framing_error
+from predictor.payloads import v2_binary_framing_error
 from predictor.serving.admission import Gates
 from predictor.serving.http_errors import OIP_ERRORS, BodyRefused, error_response
 
@@ -173,7 +173,7 @@ class RequestGuard:
                         receive = await self._decoded(scope, encoding, receive, body_limit)
                     header_length = dict(scope["headers"]).get(b"inference-header-content-length")
                     if header_length is not None:
-                        receive = await self._screen_v2_binary(scope, header_length, receive)
+                        receive = await self._screen_v2_binary(header_length, receive)
                     await self.app(scope, receive, send)
             except TimeoutError:
                 if status["started"]:
@@ -254,13 +254,12 @@ class RequestGuard:
         return counted
 
     @staticmethod
-    async def _screen_v2_binary(scope, header_length: bytes, receive):
+    async def _screen_v2_binary(header_length: bytes, receive):
         """Read the (size-limited) body of a v2 binary-data call and check its framing before KServe parses it.
 
-        KServe 0.21 answers inconsistent framing with a 500 (refused here: ApiError, 400) and garbles
-        BYTES sent this way (they are moved into the JSON header as base64, payloads.inline_binary_bytes,
-        and the headers follow). Returns a receive replaying the body for the app. Runs inside the
-        call's deadline and in-flight count, like every other body read.
+        Inconsistent framing is refused here (ApiError, 400), before any parser sees the body. Returns a
+        receive replaying the body for the app. Runs inside the call's deadline and in-flight count, like
+        every other body read.
         """
         chunks, more = [], True
         while more:
@@ -273,15 +272,7 @@ class RequestGuard:
         problem = v2_binary_framing_error(header_length, body)
         if problem is not None:
             raise problem
-        inlined, json_length = inline_binary_bytes(int(header_length), body)
-        if inlined is not body:
-            drop = (b"content-length", b"inference-header-content-length", b"content-type")
-            scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in drop] + [
-                (b"content-length", str(len(inlined)).encode()),
-                *([(b"inference-header-content-length", str(json_length).encode()),
-                   (b"content-type", b"application/octet-stream")] if json_length is not None
-                  else [(b"content-type", b"application/json")])]
-        return _replay(inlined)
+        return _replay(body)
 
 
 def _without_body(send):

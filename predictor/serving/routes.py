@@ -4,10 +4,12 @@
 KServe's own, so `/health` and `/metrics` here win over KServe's. The multipart routes call the data
 plane (predictor.dataplane) directly.
 
-`POST /classify/image`, the hot route, is a plain Starlette endpoint: FastAPI's per-request machinery
-(dependency solving, validation models, response encoding) buys it nothing, its query parameter and
-form field are checked here in its own words, and its answer is rendered once with orjson. A FastAPI
-route with the same signature follows it only to describe it in /openapi.json (and /docs).
+The hot routes, `POST /classify/image` and `POST /v2/models/{name}/infer`, are plain Starlette
+endpoints: FastAPI's per-request machinery (dependency solving, validation models, response encoding)
+buys them nothing. /classify/image checks its query parameter and form field in its own words; a
+FastAPI route with the same signature follows it only to describe it in /openapi.json (and /docs). The
+v2 route reads the body itself (predictor.payloads.v2_request: binary inputs stay bytes) and calls the
+kserve.Model as KServe's own handler would; KServe's route, after it, still describes it.
 """
 
 from importlib import metadata as package_metadata
@@ -20,7 +22,7 @@ from starlette.exceptions import HTTPException
 from predictor.core import metrics
 from predictor.core.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UnprocessableRequest
 from predictor.model import Cifar10Classifier
-from predictor.payloads import SERVER_EXTENSIONS, timestamp
+from predictor.payloads import SERVER_EXTENSIONS, timestamp, v2_request
 from predictor.serving.http_errors import error_response
 
 NOT_READY = Unavailable("model_not_ready", "The model is not loaded yet.")
@@ -85,6 +87,27 @@ def build_router(model: Cifar10Classifier) -> APIRouter:
                                                                  description="also return the k best classes")):
         """Multipart field `file` -> the seed's JSON: predicted_class, confidence, all_probabilities, timestamp."""
         return await classify_image(request)
+
+    async def v2_infer(request: Request) -> Response:
+        model_name = request.path_params["model_name"]
+        if model_name != model.name:
+            raise NotFound("model_not_found", f"Model with name {model_name} does not exist.")
+        if request.query_params.get("model_version"):
+            raise NotFound("not_supported", "Model versions are not served: this predictor serves one unversioned model.")
+        if not model.ready:
+            raise NOT_READY
+        json_length = request.headers.get("inference-header-content-length")
+        infer_request = v2_request(await request.body(), None if json_length is None else int(json_length), model_name)
+        response, _ = await model(infer_request, headers=None)
+        body, json_length = response.to_rest()
+        if json_length is not None:  # binary outputs: a JSON header, then their bytes
+            return Response(body, media_type="application/octet-stream",
+                            headers={"inference-header-content-length": str(json_length)})
+        body["outputs"] = [{k: v for k, v in o.items() if k != "parameters" or v is not None} for o in body["outputs"]]
+        return Response(orjson.dumps({k: v for k, v in body.items() if k != "parameters" or v is not None}),
+                        media_type="application/json")
+
+    router.add_route("/v2/models/{model_name}/infer", v2_infer, methods=["POST"], include_in_schema=False)
 
     @router.post("/classify/batch", tags=["classify"], summary="Classify several uploaded images")
     async def classify_batch(request: Request, response: Response,
