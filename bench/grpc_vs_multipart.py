@@ -11,71 +11,17 @@ line per round, and writes them to bench/results/grpc_vs_multipart.json.
 """
 
 import argparse
-import asyncio
-import itertools
 import json
-import resource
 import sys
-import time
 from pathlib import Path
-
-import grpc
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import run_load  # noqa: E402
+from bench.loadgen import run_load, summarize  # noqa: E402
 from bench.run import load_images, predictor_command, start  # noqa: E402
-from predictor.core.imaging import decode_image  # noqa: E402
+from bench.v2_requests import decoded, grpc_collect, grpc_requests  # noqa: E402
 from tests.conftest import MODEL_NAME, free_port  # noqa: E402
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-async def _grpc_load(target: str, images: list[bytes], datatype: str, concurrency: int, seconds: float,
-                     warmup: float) -> dict:
-    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
-    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
-
-    if datatype == "BYTES":
-        requests = [pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-            name="image", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[image]))])
-            for image in images]
-    else:
-        requests = [pb.ModelInferRequest(model_name=MODEL_NAME, inputs=[pb.ModelInferRequest.InferInputTensor(
-            name="pixels", datatype="UINT8", shape=[1, 32, 32, 3])], raw_input_contents=[decode_image(image).tobytes()])
-            for image in images]
-    latencies, errors, counter = [], 0, itertools.count()
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = GRPCInferenceServiceStub(channel)
-        started = time.perf_counter()
-        measure_from, stop_at = started + warmup, started + warmup + seconds
-        cpu_before = _cpu_seconds()
-
-        async def client() -> None:
-            nonlocal errors
-            while (now := time.perf_counter()) < stop_at:
-                try:
-                    await stub.ModelInfer(requests[next(counter) % len(requests)], timeout=60)
-                    ok = True
-                except grpc.RpcError:
-                    ok = False
-                if now >= measure_from:
-                    if ok:
-                        latencies.append(time.perf_counter() - now)
-                    else:
-                        errors += 1
-
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        wall, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_before
-    values = np.array(latencies) * 1000
-    return {"concurrency": concurrency, "seconds": seconds, "requests": len(latencies), "errors": errors,
-            "throughput": round(len(latencies) / seconds, 1), "p50_ms": round(float(np.percentile(values, 50)), 1),
-            "p99_ms": round(float(np.percentile(values, 99)), 1), "client_cpu_share": round(cpu / wall, 2)}
 
 
 def main() -> None:
@@ -93,12 +39,14 @@ def main() -> None:
         url = f"http://127.0.0.1:{http_port}/classify/image"
         for protocol in ("multipart", "grpc BYTES", "grpc UINT8", "multipart"):
             if protocol.startswith("grpc"):
-                row = asyncio.run(_grpc_load(f"127.0.0.1:{grpc_port}", images, protocol.split()[1], args.concurrency,
-                                             args.seconds, 2.0))
+                requests = (grpc_requests(MODEL_NAME, files=images) if protocol == "grpc BYTES"
+                            else grpc_requests(MODEL_NAME, pixels=decoded(images), name="pixels"))
+                samples = grpc_collect(f"127.0.0.1:{grpc_port}", requests, args.concurrency, args.seconds)
+                result = summarize([samples], args.concurrency, args.seconds)
             else:
                 result = run_load(url, images, args.concurrency, args.seconds)
-                row = {k: getattr(result, k) for k in ("concurrency", "seconds", "requests", "errors", "throughput",
-                                                       "p50_ms", "p99_ms", "client_cpu_share")}
+            row = {k: getattr(result, k) for k in ("concurrency", "seconds", "requests", "errors", "throughput",
+                                                   "p50_ms", "p99_ms", "client_cpu_share")}
             rows.append({"protocol": protocol, **row})
             print(json.dumps(rows[-1]), flush=True)
     finally:
