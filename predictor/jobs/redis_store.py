@@ -145,6 +145,9 @@ class RedisJobStore:
         """Around every Redis call: fail at once while the breaker is open; open it on a timeout or a
         connection failure; close it on success. Redis's own words go to the log, not to clients."""
         if not self._breaker.usable():
+            # The health check may have found the outage first: a Redis that comes back restarted has
+            # lost the consumer group too, so it is made again on the first call after.
+            self._group_ready = False
             raise StoreUnavailable("Redis was unreachable moments ago")
         try:
             yield
@@ -153,6 +156,8 @@ class RedisJobStore:
             self._breaker.failed(exc, "job calls fail at once")
             raise StoreUnavailable(str(exc)) from exc
         except RedisError as exc:
+            if "NOGROUP" in str(exc):  # restarted between two calls, unseen: make the group again next time
+                self._group_ready = False
             raise unavailable(exc) from exc
         self._breaker.succeeded()
 
