@@ -9,10 +9,12 @@ drift monitoring. It knows no transport: its failures are domain errors (predict
 
 import asyncio
 import concurrent.futures
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from kserve.metrics import POST_HIST_TIME, PRE_HIST_TIME, PREDICT_HIST_TIME
 
 from predictor import payloads
 from predictor.cifar import CLASSES
@@ -66,10 +68,14 @@ class Limits:
 
 class DataPlane:
     """Decode -> batch -> engine -> probabilities for every protocol, with the result cache in front of
-    the multipart calls. `version` (the weights' sha256 prefix) and `temperature` come with the engine."""
+    the multipart calls. `version` (the weights' sha256 prefix) and `temperature` come with the engine;
+    `model_name` labels KServe's own stage histograms, which the multipart calls record as the kserve.Model
+    records them for v1/v2 (request_preprocess/predict/postprocess_seconds: dashboards query them)."""
 
-    def __init__(self, engine: Engine, limits: Limits, drain: Drain, version: str, temperature: float = 1.0):
+    def __init__(self, engine: Engine, limits: Limits, drain: Drain, version: str, temperature: float = 1.0,
+                 model_name: str = "model"):
         self.engine = engine
+        self.model_name = model_name
         self.limits = limits
         self.drain = drain
         self.version = version
@@ -109,12 +115,19 @@ class DataPlane:
         missing = [i for i, r in enumerate(results) if r is None]
         if not missing:
             return results, True
+        started = time.perf_counter()
         slots = await self.decode([files[i] for i in missing], keep_errors=True, background=background)
+        decoded = time.perf_counter()
+        probabilities = await self.probabilities_of(slots, background)
+        predicted = time.perf_counter()
         fresh = {}
-        for i, p in zip(missing, await self.probabilities_of(slots, background)):
+        for i, p in zip(missing, probabilities):
             results[i] = payloads.classification(p, top_k) if isinstance(p, np.ndarray) else p
             if keys[i] is not None and isinstance(p, np.ndarray):
                 fresh[keys[i]] = results[i]
+        PRE_HIST_TIME.labels(self.model_name).observe(decoded - started)
+        PREDICT_HIST_TIME.labels(self.model_name).observe(predicted - decoded)
+        POST_HIST_TIME.labels(self.model_name).observe(time.perf_counter() - predicted)
         if self.cache is not None:
             await self.cache.put_many(fresh)
         return results, False

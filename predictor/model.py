@@ -71,7 +71,8 @@ class Cifar10Classifier(kserve.Model):
                               calibration=self._calibration_images())
         limits = Limits(settings.max_batch_size, settings.max_batch_delay_ms, settings.max_queue_images,
                         settings.max_batch_files, settings.max_image_side, settings.decode_threads)
-        self.dataplane = DataPlane(engine, limits, self.drain, self.version, float(self.card.get("temperature", 1.0)))
+        self.dataplane = DataPlane(engine, limits, self.drain, self.version, float(self.card.get("temperature", 1.0)),
+                                   model_name=self.name)
         engine.logits(np.zeros((1, 32, 32, 3), np.uint8))  # proves the pass; raises if broken
         self.forward_ok = True
         # Compilation leaves millions of long-lived objects behind; a full garbage collection walking
