@@ -6,6 +6,7 @@ no other test calls. The layers, bottom to top, as the README's Layout draws the
 """
 
 import ast
+import tomllib
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "predictor"
@@ -117,3 +118,11 @@ def test_no_import_cycle():
         if module not in state:
             visit(module, [module])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_every_package_ships_in_the_wheel():
+    """The images install the project as a wheel, which holds only the packages pyproject.toml lists (an
+    editable install finds any directory, so nothing else here would notice one missing)."""
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module_name(path) for path in PACKAGE.rglob("__init__.py")}
+    assert packages <= listed, f"not in pyproject.toml's [tool.setuptools] packages: {sorted(packages - listed)}"
