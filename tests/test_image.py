@@ -357,9 +357,7 @@ def test_the_cuda_image_compiles_the_torch_engine_and_serves(pod, precision):
     cache) as uid 10001 on the read-only root, its cache under the chart's TORCHINDUCTOR_CACHE_DIR on
     /tmp. The chart's CPU-node container with these flags added, `podman run`; it serves and stops with
     status 0. int8 is the README's advice for AMX CPU nodes: its PT2E quantization runs at load in an
-    image that ships without predictor.training."""
-    if precision == "int8" and not any(flag in Path("/proc/cpuinfo").read_text().split() for flag in ("avx512_vnni", "amx_int8")):
-        pytest.skip("torch int8 passes its load-time agreement gate only on a CPU with VNNI or AMX int8")
+    image that ships without predictor.training (before, it stopped with ModuleNotFoundError)."""
     pod.down()  # one predictor at a time on this machine
     port = free_port()
     flags = chart_pod.run_flags(chart_pod.pod(render(sets=(f"containerPort={port}", *CPU_NODE)), IMAGE_CUDA))
@@ -370,6 +368,12 @@ def test_the_cuda_image_compiles_the_torch_engine_and_serves(pod, precision):
         started = time.monotonic()
         while True:
             state = podman("inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+            if state != "running" and precision == "int8":
+                # A CPU whose int8 kernels disagree with fp32 too often is refused by the load-time gate,
+                # which runs after the quantization this test is about: that refusal is the one allowed.
+                log = podman("logs", name).stderr
+                assert "ModuleNotFoundError" not in log and "agrees with the fp32 network on only" in log, log
+                return
             assert state == "running", podman("logs", name).stderr
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
