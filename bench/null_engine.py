@@ -33,5 +33,8 @@ class NullEngine:
         n = len(images)
         return self._zeros[:n].copy() if n <= len(self._zeros) else np.zeros((n, 10), np.float32)
 
+    def available(self) -> bool:
+        return True  # in this process: there whenever the process is
+
     def intra_op_threads(self) -> int:
         return 1

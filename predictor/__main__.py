@@ -7,15 +7,15 @@ from predictor.serving import kserve_compat
 
 kserve_compat.before_kserve_import()
 
-from kserve import model_server  # noqa: E402
+from kserve import model_server
 
-from predictor.app import install, install_in_worker  # noqa: E402
-from predictor.config import build_parser, settings_from  # noqa: E402
-from predictor.core.drain import Drain  # noqa: E402
-from predictor.engines.devices import EngineError  # noqa: E402
-from predictor.model import Cifar10Classifier  # noqa: E402
-from predictor.serving.grpc_server import GuardedGRPCServer  # noqa: E402
-from predictor.weights import WeightsError  # noqa: E402
+from predictor.app import install, install_in_worker, share_engine
+from predictor.config import build_parser, settings_from
+from predictor.core.drain import Drain
+from predictor.engines.devices import EngineError
+from predictor.model import Cifar10Classifier
+from predictor.serving.grpc_server import GuardedGRPCServer
+from predictor.weights import WeightsError
 
 log = logging.getLogger("predictor")
 
@@ -57,7 +57,10 @@ def main() -> None:
     kserve_compat.configure_uvicorn(settings.request_log, limits)  # the client address is decided in one place: predictor.core.security
     kserve_compat.use_grpc_server(GuardedGRPCServer)
     if args.workers > 1:
-        kserve_compat.use_patient_workers(install_in_worker)  # each worker process installs the app itself
+        # This process keeps the engine and serves it to the front ends it starts (KServe's worker
+        # processes), which install the app themselves; readiness waits for all of them.
+        engine_server = share_engine(model)  # noqa: F841  (its thread serves until the process exits)
+        kserve_compat.use_patient_workers(install_in_worker)
     else:
         install(model_server.app, model)
     # KServe hands grace_period to uvicorn as its graceful-shutdown timeout: the drain window.

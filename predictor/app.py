@@ -12,6 +12,8 @@ in this process only (jobs then die with it and are invisible to other replicas:
 """
 
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -20,6 +22,9 @@ from fastapi import APIRouter, FastAPI
 from predictor.config import Settings
 from predictor.core.cache import ResultCache
 from predictor.core.security import RateLimiter
+from predictor.engines.engine_server import EngineServer
+from predictor.engines.link import Layout
+from predictor.engines.remote import RemoteEngine
 from predictor.jobs.api import QueuedBytes, build_jobs_router
 from predictor.jobs.core import JobStore, JobWorker
 from predictor.jobs.memory_store import MemoryJobStore
@@ -78,6 +83,10 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
         app.middleware_stack = None
         # The server's own SIGTERM handler is in place by now; it runs once the admitted calls are done.
         drain.chain_signal_handler(timeout_s=settings.drain_timeout_s)
+        if isinstance(dataplane.engine, RemoteEngine):
+            # A front end (--workers N) without its engine process cannot serve: it stops (its waiting
+            # calls have had their 503), and the pod restarts with a new engine.
+            await dataplane.engine.connect(on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
         yield
         log.info("drained: %d admitted request(s) still in flight at exit", drain.in_flight)
 
@@ -95,8 +104,23 @@ def install_in_worker(model: Cifar10Classifier) -> None:
     """What each `--workers N` process runs before serving (predictor.serving.kserve_compat's hook)."""
     from kserve import model_server
 
+    model.in_forked_process()
     install(model_server.app, model)
     kserve_compat.configure_uvicorn(model.settings.request_log)  # KServe configures logging again in there
+
+
+def share_engine(model: Cifar10Classifier) -> EngineServer:
+    """With --workers N: serve `model`'s engine (loaded in this process) to the N front-end processes, and
+    make `model`, which each of them receives pickled, reach it over the link instead of holding it."""
+    settings, dataplane = model.settings, model.dataplane
+    per_front_end = settings.max_batch_size
+    server = EngineServer(dataplane.engine, model.reference, front_ends=settings.workers,
+                          max_batch_images=settings.engine_max_batch_size or per_front_end * settings.workers,
+                          explain_threads=settings.max_explain_in_flight)
+    server.start()
+    remote = RemoteEngine.describing(dataplane.engine, server.address, Layout(per_front_end), model.reference.fc_weight)
+    model.use_engine(remote)
+    return server
 
 
 def build_cache(settings: Settings, namespace: str) -> ResultCache | None:

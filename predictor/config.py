@@ -43,6 +43,9 @@ class Settings:
     random_weights: bool = setting(False, "serve an untrained network (tests only; never in production)")
     device: str = setting("auto", "auto: CUDA when usable, else the CPU", env="DEVICE", choices=("auto", "cpu", "cuda"))
     max_batch_size: int = setting(32, "images per forward pass", env="MAX_BATCH_SIZE", minimum=1)
+    engine_max_batch_size: int = setting(
+        0, "with --workers N: images per forward pass of the engine process, which joins the front ends' batches "
+        "(0: --max_batch_size x N)", env="ENGINE_MAX_BATCH_SIZE", minimum=0)
     max_batch_delay_ms: float = setting(2.0, "longest wait for a batch to fill once a request is in",
                                         env="MAX_BATCH_DELAY_MS", minimum=0)
     max_batch_files: int = setting(64, "images per request on /classify/batch, v1 and v2", env="MAX_BATCH_FILES",
@@ -91,7 +94,7 @@ class Settings:
     compile: bool = setting(True, "torch engine: torch.compile the forward pass at load (needs a C++ compiler; slower "
                             "start, faster serving; torch int8 always compiles)", env="COMPILE", parse=_boolean)
     intra_op_threads: int = setting(0, "threads of one forward pass (ONNX Runtime or torch); 0: the usable cores "
-                                    "(affinity, cgroup CPU limit) divided among the --workers", env="INTRA_OP_THREADS",
+                                    "(affinity, cgroup CPU limit)", env="INTRA_OP_THREADS",
                                     minimum=0)
     ui: bool = setting(True, "serve the demo page at GET / (false: 404)", env="UI", parse=_boolean)
     request_log: bool = setting(False, "one log line per HTTP request (uvicorn's access log). Off by default: the mesh's "

@@ -3,7 +3,8 @@ handlers through the kserve.Model, gRPC through the same model, the job workers)
 
 Behind it, top-down: the result cache (predictor.core.cache) -> decoding off the event loop
 (predictor.core.imaging) -> the dynamic batcher (predictor.core.batcher) -> the engine (an `Engine`:
-uint8 pixels in, logits out; in this process today) -> temperature-scaled probabilities, counted for
+uint8 pixels in, logits out; in this process, or with `--workers N` in the engine process that every
+front-end process feeds: predictor.engines.remote, awaited on the loop through `logits_async`) -> temperature-scaled probabilities, counted for
 drift monitoring. It knows no transport: its failures are domain errors (predictor.core.errors).
 """
 
@@ -50,6 +51,9 @@ class Engine(Protocol):
     def logits(self, images: np.ndarray) -> np.ndarray:
         """[N, 32, 32, 3] uint8 -> [N, 10] float32 logits."""
 
+    def available(self) -> bool:
+        """Whether passes can be asked for now (an engine in another process may be gone or starting)."""
+
     def intra_op_threads(self) -> int:
         """Threads one forward pass uses in this process."""
 
@@ -84,12 +88,20 @@ class DataPlane:
         # on the loop by a CPU engine.
         self.batcher = DynamicBatcher(engine.logits, limits.max_batch_size, limits.max_batch_delay_ms,
                                       limits.max_queue_images, drain.calls_in_flight,
-                                      inline_lone_calls=engine.device_type == "cpu")
+                                      inline_lone_calls=engine.device_type == "cpu",
+                                      forward_async=getattr(engine, "logits_async", None))
         self.cache: ResultCache | None = None
         self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
         # Job images decode in a lane of their own (one thread): a job of large images queued in the
         # interactive decode threads would hold every interactive call behind it.
         self._job_decoder: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def with_engine(self, engine: Engine, drain: Drain) -> "DataPlane":
+        """This data plane's limits, version and calibration on another engine (the engine process's, remote)."""
+        return DataPlane(engine, self.limits, drain, self.version, self.temperature, self.model_name)
+
+    def available(self) -> bool:
+        return self.engine.available()
 
     def use_cache(self, cache: ResultCache | None) -> None:
         """Put `cache` in front of `classify` (made per serving process: it holds a Redis connection)."""

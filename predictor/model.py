@@ -20,9 +20,16 @@ from predictor.core.drain import Drain
 from predictor.dataplane import DataPlane, Limits
 from predictor.engines.devices import usable_cores
 from predictor.engines.reference import ReferenceNetwork, random_state
+from predictor.engines.remote import RemoteEngine, RemoteReference
 from predictor.engines.selection import build_engine
 from predictor.protocols import Prepared, adapter_for
-from predictor.weights import WeightsError, calibration_images, network_from_file, network_from_state, verified_weights
+from predictor.weights import (
+    WeightsError,
+    calibration_images,
+    network_from_file,
+    network_from_state,
+    verified_weights,
+)
 
 log = logging.getLogger("predictor")
 
@@ -43,27 +50,39 @@ class Cifar10Classifier(kserve.Model):
         super().__init__(name)
         self.settings = settings
         self.drain = drain or Drain()
-        self.reference: ReferenceNetwork | None = None  # the fp32 network, whatever engine serves (:explain reads it)
+        self.reference: ReferenceNetwork | RemoteReference | None = None  # the fp32 network, whatever engine serves (:explain reads it)
         self.card: dict = {}
         self.version = "untrained"
         self.dataplane: DataPlane | None = None
         self.forward_ok = False
+        self._loaded = False
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, and its engine available (with --workers N the engine process may be gone or still
+        waiting for the other front ends): what every readiness route and KServe's own check read."""
+        return self._loaded and self.dataplane is not None and self.dataplane.available()
+
+    @ready.setter
+    def ready(self, value: bool) -> None:  # kserve.Model sets it
+        self._loaded = value
 
     # -- lifecycle -------------------------------------------------------------------------------
     def load(self) -> bool:
         """Read and verify the weights, place the network, and prove it with one forward pass."""
         settings = self.settings
-        threads = settings.intra_op_threads or max(1, usable_cores() // settings.workers)
+        # One engine per pod whatever --workers is (the front ends feed it): it may use every usable core.
+        threads = settings.intra_op_threads or usable_cores()
         if settings.random_weights:
             state = random_state()
             self.card, self.version = {"temperature": 1.0, "note": "random weights (tests only)"}, "random-weights"
             self.reference = ReferenceNetwork(state, threads)
-            torch_network = lambda: network_from_state(state)  # noqa: E731
+            torch_network = lambda: network_from_state(state)
         else:
             path, self.card = verified_weights(settings.model_dir)
             self.version = self.card.get("weights_sha256", "")[:12]
             self.reference = ReferenceNetwork.from_file(path, threads)
-            torch_network = lambda: network_from_file(path)  # noqa: E731
+            torch_network = lambda: network_from_file(path)
         engine = build_engine(self.card, None if settings.random_weights else settings.model_dir,
                               reference=self.reference, torch_network=torch_network, engine=settings.engine,
                               device=settings.device, precision=settings.precision,
@@ -84,6 +103,18 @@ class Cifar10Classifier(kserve.Model):
         log.info("loaded %s (version %s) on %s in %.1f s (precision asked: %s), temperature %.3f", self.name, self.version,
                  engine.description, engine.startup_seconds, settings.precision, self.dataplane.temperature)
         return self.ready
+
+    def use_engine(self, engine: RemoteEngine) -> None:
+        """Serve through the engine process: the data plane's passes and :explain's fp32 ones go to `engine`,
+        so a front end holds no weights of its own."""
+        self.dataplane = self.dataplane.with_engine(engine, self.drain)
+        self.reference = RemoteReference(engine)
+
+    def in_forked_process(self) -> None:
+        """A front end forked from the engine process (--workers N) starts its own drain, batcher and link:
+        the ones it inherited are the engine process's."""
+        self.drain = Drain()
+        self.use_engine(self.dataplane.engine.unconnected())
 
     def _calibration_images(self) -> np.ndarray | None:
         """The calibration set when a gated precision (int8, bf16) may be used (asked for, or auto) and it

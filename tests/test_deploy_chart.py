@@ -933,6 +933,7 @@ def test_a_gpu_pod_asks_for_cuda_and_a_cpu_pod_for_the_onnx_engine():
     assert cpu["DEVICE"] == "auto" and cpu["ENGINE"] == "auto" and cpu["INTRA_OP_THREADS"] == "4"  # the 4-CPU limit
     assert cpu["MAX_BATCH_SIZE"] == "32"
     assert env_of(predictor_container(render(sets=("batching.maxBatchSize=64",))))["MAX_BATCH_SIZE"] == "64"
-    assert env_of(predictor_container(render(sets=("resources.limits.cpu=1500m", "model.workers=2"))))["INTRA_OP_THREADS"] == "1"
+    # One engine process computes for every front end: the workers do not divide the cores.
+    assert env_of(predictor_container(render(sets=("resources.limits.cpu=2500m", "model.workers=2"))))["INTRA_OP_THREADS"] == "2"
     assert env_of(predictor_container(render(sets=("resources.limits=null",))))["INTRA_OP_THREADS"] == "0"
     assert env_of(predictor_container(render(sets=("gpu.enabled=true", "model.device=cpu"))))["DEVICE"] == "cpu"

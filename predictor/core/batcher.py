@@ -20,18 +20,20 @@ import asyncio
 import concurrent.futures
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from predictor.core import metrics
-from predictor.core.errors import InferenceFailed, Overloaded
+from predictor.core.errors import InferenceFailed, Overloaded, Unavailable
+from predictor.engines.link import EngineGone
 
 log = logging.getLogger("predictor")
 # What a caller of a failed forward pass is told (500 inference_error; gRPC INTERNAL): the exception
 # itself (a CUDA or ONNX Runtime message, paths, shapes) goes to the log, not to the client.
 FORWARD_FAILED = "The forward pass failed; retrying may succeed."
+ENGINE_GONE = "The engine process is gone; this replica is restarting."
 
 
 @dataclass
@@ -45,8 +47,11 @@ class DynamicBatcher:
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_delay_ms: float,
                  max_queue_images: int = 256, in_flight: Callable[[], int] | None = None,
-                 inline_lone_calls: bool = False):
+                 inline_lone_calls: bool = False,
+                 forward_async: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None):
         self.forward = forward
+        # An engine in another process is awaited on the loop itself (predictor.engines.remote): no thread.
+        self.forward_async = forward_async
         self.inline_lone_calls = inline_lone_calls  # the engine is thread-safe and frees the GIL (CPU engines)
         self.in_flight = in_flight  # calls admitted upstream (None: unknown, so always wait the delay)
         self.max_batch_size = max_batch_size
@@ -161,18 +166,19 @@ class DynamicBatcher:
             images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
             metrics.BATCH_SIZE.observe(len(images))
             try:
-                if self._alone(images):
+                if self.forward_async is not None:
+                    logits = await self.forward_async(images)
+                elif self._alone(images):
                     logits = self.forward(images)
                 else:
                     logits = await loop.run_in_executor(self._thread, self.forward, images)
+            except EngineGone as exc:  # logged where it was seen (predictor.engines.remote)
+                self._fail(batch, Unavailable("engine_unavailable", ENGINE_GONE, {"Retry-After": "1"}), exc)
+                continue
             except Exception as exc:  # a failed pass fails only the requests in it
                 metrics.FORWARD_FAILURES.inc()
                 log.error("forward pass of %d images failed", len(images), exc_info=exc)
-                for pending in batch:
-                    if not pending.future.done():
-                        failure = InferenceFailed("inference_error", FORWARD_FAILED)
-                        failure.__cause__ = exc
-                        pending.future.set_exception(failure)
+                self._fail(batch, InferenceFailed("inference_error", FORWARD_FAILED), exc)
                 continue
             start = 0
             for pending in batch:
@@ -181,11 +187,18 @@ class DynamicBatcher:
                     pending.future.set_result(logits[start:end])
                 start = end
 
+    @staticmethod
+    def _fail(batch: list[_Pending], failure: Exception, cause: Exception) -> None:
+        failure.__cause__ = cause
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(failure)
+
     def __getstate__(self) -> dict:
         # Only the settings travel to worker processes; queue, task and thread are made there.
         return {"forward": self.forward, "max_batch_size": self.max_batch_size, "max_delay_ms": self.max_delay * 1000,
                 "max_queue_images": self.max_queue_images, "in_flight": self.in_flight,
-                "inline_lone_calls": self.inline_lone_calls}
+                "inline_lone_calls": self.inline_lone_calls, "forward_async": self.forward_async}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

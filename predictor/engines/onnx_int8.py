@@ -56,6 +56,9 @@ class OnnxEngine:
         self.logits(np.zeros((max_batch_size, 32, 32, 3), np.uint8))  # first-run allocations, before ready
         self.startup_seconds = round(time.perf_counter() - started, 1)
 
+    def available(self) -> bool:
+        return True  # in this process: there whenever the process is
+
     def intra_op_threads(self) -> int:
         return self.threads
 

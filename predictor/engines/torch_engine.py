@@ -146,6 +146,9 @@ class InferenceEngine:
     def device_type(self) -> str:
         return self.device.type
 
+    def available(self) -> bool:
+        return True  # in this process: there whenever the process is
+
     def intra_op_threads(self) -> int:
         """Threads of one forward pass in this process (torch's count is per process)."""
         return torch.get_num_threads()

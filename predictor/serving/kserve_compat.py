@@ -34,6 +34,7 @@ import atexit
 import functools
 import inspect
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
@@ -296,14 +297,17 @@ def use_grpc_server(server_class: type) -> None:
 
 
 def use_patient_workers(on_worker_start: Callable) -> None:
-    """Make KServe's multi-process server start and watch its workers as PatientWorkerProcess, each of
-    which calls `on_worker_start(model)` for its unpickled model before serving. The hook travels to
-    the spawned process pickled, by reference: it must be a module-level function."""
+    """Make KServe's multi-process server fork (instead of spawn) and watch its workers as
+    PatientWorkerProcess, each of which calls `on_worker_start(model)` for its model before serving."""
     from kserve.protocol.rest.multiprocess import server as multiprocess
 
     worker_class = _patient_worker_process()
     worker_class.on_worker_start = staticmethod(on_worker_start)
     multiprocess.RESTServerProcess = worker_class
+    # Forked, not spawned: this process has imported everything and serves the engine by then, so each
+    # worker shares its pages copy-on-write (~130 MB of imports each, measured as PSS) and starts in
+    # milliseconds instead of importing KServe again. The hook makes what must be per process anew.
+    multiprocess.spawn = multiprocessing.get_context("fork")
 
 
 def _patient_worker_process() -> type:

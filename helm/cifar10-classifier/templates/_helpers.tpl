@@ -176,8 +176,8 @@ Knative's progress deadline for a new revision: the image pull, then the startup
 {{- end }}
 
 {{/*
-INTRA_OP_THREADS: threads.intraOp, or with 0 the container's CPU limit shared among the workers
-(at least 1), so a GPU node with many cores does not get one thread per host core under a small
+INTRA_OP_THREADS: threads.intraOp, or with 0 the container's CPU limit (at least 1; the one engine
+process computes for every model.workers front end), so a GPU node with many cores does not get one thread per host core under a small
 limit; 0 (the predictor reads its cgroup quota) when there is no CPU limit.
 */}}
 {{- define "cifar10.intraOpThreads" -}}
@@ -186,7 +186,7 @@ limit; 0 (the predictor reads its cgroup quota) when there is no CPU limit.
 {{- else if not $cpu }}0
 {{- else }}
 {{- $cores := ternary (div (trimSuffix "m" $cpu | int) 1000) ($cpu | float64 | floor | int) (hasSuffix "m" $cpu) }}
-{{- max 1 (div $cores (int .Values.model.workers)) }}
+{{- max 1 $cores }}
 {{- end }}
 {{- end }}
 
