@@ -3,19 +3,20 @@
 import logging
 import sys
 
+from predictor.engines.devices import default_front_ends
 from predictor.serving import kserve_compat
 
-kserve_compat.before_kserve_import()
+kserve_compat.before_kserve_import(default_workers=default_front_ends())
 
-from kserve import model_server
+from kserve import model_server  # noqa: E402
 
-from predictor.app import install, install_in_worker, share_engine
-from predictor.config import build_parser, settings_from
-from predictor.core.drain import Drain
-from predictor.engines.devices import EngineError
-from predictor.model import Cifar10Classifier
-from predictor.serving.grpc_server import GuardedGRPCServer
-from predictor.weights import WeightsError
+from predictor.app import install, install_in_worker, share_engine  # noqa: E402
+from predictor.config import build_parser, settings_from  # noqa: E402
+from predictor.core.drain import Drain  # noqa: E402
+from predictor.engines.devices import EngineError  # noqa: E402
+from predictor.model import Cifar10Classifier  # noqa: E402
+from predictor.serving.grpc_server import GuardedGRPCServer  # noqa: E402
+from predictor.weights import WeightsError  # noqa: E402
 
 log = logging.getLogger("predictor")
 
@@ -59,7 +60,7 @@ def main() -> None:
     if args.workers > 1:
         # This process keeps the engine and serves it to the front ends it starts (KServe's worker
         # processes), which install the app themselves; readiness waits for all of them.
-        engine_server = share_engine(model)  # noqa: F841  (its thread serves until the process exits)
+        share_engine(model)  # its thread serves until the process exits
         kserve_compat.use_patient_workers(install_in_worker)
     else:
         install(model_server.app, model)

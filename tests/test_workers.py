@@ -1,5 +1,6 @@
-"""`--workers 2`: every route is served by the worker processes, the load spreads over them, and
-`/metrics` counts the whole replica whichever worker answers the scrape."""
+"""`--workers 2`: every route is served by the front-end processes (feeding one engine process:
+tests/test_engine_process.py), the load spreads over them, and `/metrics` counts the whole replica
+whichever worker answers the scrape."""
 
 import base64
 import concurrent.futures
@@ -43,6 +44,10 @@ def test_every_route_is_served_by_the_workers(two_workers, cifar_jpegs):
             {"name": "input-0", "shape": [1, 32, 32, 3], "datatype": "UINT8", "data": pixels}]})
         assert v2.status_code == 200, v2.text
         assert client.post("/classify/image", files={"file": ("x.jpg", b"not an image", "image/jpeg")}).status_code == 415
+        # Grad-CAM's fp32 pass runs in the engine process too: the front ends hold no weights.
+        explained = client.post(f"/v1/models/{MODEL_NAME}:explain",
+                                json={"instances": [{"image": {"b64": base64.b64encode(data).decode()}}]})
+        assert explained.status_code == 200 and len(explained.json()["explanations"][0]["heatmap"]) == 32, explained.text
 
 
 def counted(path, endpoint: str) -> float:

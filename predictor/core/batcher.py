@@ -33,6 +33,8 @@ log = logging.getLogger("predictor")
 # What a caller of a failed forward pass is told (500 inference_error; gRPC INTERNAL): the exception
 # itself (a CUDA or ONNX Runtime message, paths, shapes) goes to the log, not to the client.
 FORWARD_FAILED = "The forward pass failed; retrying may succeed."
+# Passes one front end may have in the engine process at once (each takes a slot of its shared memory).
+REMOTE_PASSES_IN_FLIGHT = 2
 ENGINE_GONE = "The engine process is gone; this replica is restarting."
 
 
@@ -64,6 +66,8 @@ class DynamicBatcher:
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._remote_passes = asyncio.Semaphore(REMOTE_PASSES_IN_FLIGHT)
+        self._passes_running: set[asyncio.Task] = set()
 
     async def submit(self, images: np.ndarray, background: bool = False) -> np.ndarray:
         """Logits for `images`, computed in as few forward passes as the traffic allows.
@@ -158,34 +162,49 @@ class DynamicBatcher:
                 and not self._pending and not self._background)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
             if not batch:
                 continue
             images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
             metrics.BATCH_SIZE.observe(len(images))
-            try:
-                if self.forward_async is not None:
-                    logits = await self.forward_async(images)
-                elif self._alone(images):
-                    logits = self.forward(images)
-                else:
-                    logits = await loop.run_in_executor(self._thread, self.forward, images)
-            except EngineGone as exc:  # logged where it was seen (predictor.engines.remote)
-                self._fail(batch, Unavailable("engine_unavailable", ENGINE_GONE, {"Retry-After": "1"}), exc)
+            if self.forward_async is None:
+                await self._pass(batch, images)
                 continue
-            except Exception as exc:  # a failed pass fails only the requests in it
-                metrics.FORWARD_FAILURES.inc()
-                log.error("forward pass of %d images failed", len(images), exc_info=exc)
-                self._fail(batch, InferenceFailed("inference_error", FORWARD_FAILED), exc)
-                continue
-            start = 0
-            for pending in batch:
-                end = start + len(pending.images)
-                if not pending.future.done():  # the caller may have gone away
-                    pending.future.set_result(logits[start:end])
-                start = end
+            # An engine in another process: the next batch is sent while this one computes, so the engine
+            # process holds several front ends' batches at once and joins them.
+            await self._remote_passes.acquire()
+            task = asyncio.get_running_loop().create_task(self._pass(batch, images))
+            self._passes_running.add(task)
+            task.add_done_callback(self._pass_done)
+
+    def _pass_done(self, task: asyncio.Task) -> None:
+        self._passes_running.discard(task)
+        self._remote_passes.release()
+
+    async def _pass(self, batch: list[_Pending], images: np.ndarray) -> None:
+        """One forward pass of `batch`, its logits (or its failure) handed to each of its callers."""
+        try:
+            if self.forward_async is not None:
+                logits = await self.forward_async(images)
+            elif self._alone(images):
+                logits = self.forward(images)
+            else:
+                logits = await asyncio.get_running_loop().run_in_executor(self._thread, self.forward, images)
+        except EngineGone as exc:  # logged where it was seen (predictor.engines.remote)
+            self._fail(batch, Unavailable("engine_unavailable", ENGINE_GONE, {"Retry-After": "1"}), exc)
+            return
+        except Exception as exc:  # a failed pass fails only the requests in it
+            metrics.FORWARD_FAILURES.inc()
+            log.error("forward pass of %d images failed", len(images), exc_info=exc)
+            self._fail(batch, InferenceFailed("inference_error", FORWARD_FAILED), exc)
+            return
+        start = 0
+        for pending in batch:
+            end = start + len(pending.images)
+            if not pending.future.done():  # the caller may have gone away
+                pending.future.set_result(logits[start:end])
+            start = end
 
     @staticmethod
     def _fail(batch: list[_Pending], failure: Exception, cause: Exception) -> None:

@@ -28,6 +28,14 @@ def usable_cores() -> int:
     return cores
 
 
+def default_front_ends(cores: int | None = None) -> int:
+    """`--workers` when not given: one front-end process (an event loop and its decode threads, about a
+    core at full load) per 4 usable cores, the rest left to the one engine process's threads; 1 up to 7
+    cores. Measured on 2 cores only (bench/engine_process.py: 2 front ends there gained nothing over one
+    and cost 55 MB); the GPU round measures the rest."""
+    return max(1, (cores or usable_cores()) // 4)
+
+
 def nvidia_gpu_visible() -> bool:
     """Whether the NVIDIA driver exposes a device to this process (the device plugin mounts these)."""
     return Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/gpus").is_dir()

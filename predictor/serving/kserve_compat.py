@@ -55,10 +55,14 @@ class IncompatibleKServe(RuntimeError):
     """The installed kserve no longer fits what this module patches."""
 
 
-def before_kserve_import() -> None:
-    """Call before anything imports kserve (predictor.__main__ does, first thing)."""
+def before_kserve_import(default_workers: int = 1) -> None:
+    """Call before anything imports kserve (predictor.__main__ does, first thing). `default_workers`: the
+    `--workers` (env WORKERS) when neither is given (KServe's own default is 1)."""
     if not any(a.startswith("--enable_docs_url") for a in sys.argv):
         sys.argv[1:1] = ["--enable_docs_url", "true"]  # spawned workers inherit sys.argv
+    if not any(a.startswith("--workers") for a in sys.argv):
+        # KServe parses sys.argv itself, at import: the default is decided there.
+        sys.argv[1:1] = ["--workers", os.environ.get("WORKERS") or str(default_workers)]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--workers", type=int, default=1)
     if pre.parse_known_args()[0].workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
