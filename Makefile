@@ -105,6 +105,7 @@ bench: install bench-peers
 	$(PY) bench/grpc_vs_multipart.py
 	$(PY) bench/stack_cost.py
 	$(PY) bench/scaling.py
+	$(PY) bench/engine_process.py
 
 # The servers a user would pick instead, each in a virtual environment of its own (pinned in
 # bench/peers/requirements-*.txt; remade when those change).

@@ -181,6 +181,10 @@ class EngineServer:
         front_end.alive = False
         self._selector.unregister(front_end.sock)
         front_end.sock.close()
+        try:
+            front_end.region.close()
+        except BufferError:  # an :explain pass of its still holds a view: the mapping goes with that view
+            pass
         self._front_ends.remove(front_end)
         lost = sum(1 for r in self._pending if r.front_end is front_end)
         self._pending = deque(r for r in self._pending if r.front_end is not front_end)
@@ -228,6 +232,7 @@ class EngineServer:
             front_end.layout.features(front_end.region, slot, count)[:] = features
             kind = link.REPLY_OK
         except Exception as exc:
-            log.error("engine process: an :explain pass of %d images failed", count, exc_info=exc)
+            if front_end.alive:  # else its region was unmapped under it: nobody waits for the answer
+                log.error("engine process: an :explain pass of %d images failed", count, exc_info=exc)
             kind = link.REPLY_FAILED
         self._answer(request, kind)

@@ -104,7 +104,7 @@ class RemoteEngine:
                 self._lose(f"cannot reach the engine process ({exc})")
                 raise EngineGone("the engine process is not reachable") from exc
             hello = HEADER.pack(self.layout.slots, link.OP_HELLO, int(self.front_end), self.layout.max_images)
-            await loop.run_in_executor(None, socket.send_fds, sock, [hello], [memfd])
+            socket.send_fds(sock, [hello], [memfd])  # 12 bytes on a fresh connection: never blocks
         finally:
             os.close(memfd)  # the region stays mapped here, and the engine holds its own descriptor
         self._loop, self._socket, self._region = loop, sock, region
