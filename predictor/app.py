@@ -111,7 +111,7 @@ def install_in_worker(model: Cifar10Classifier) -> None:
 
 def share_engine(model: Cifar10Classifier) -> EngineServer:
     """With --workers N: serve `model`'s engine (loaded in this process) to the N front-end processes, and
-    make `model`, which each of them receives pickled, reach it over the link instead of holding it."""
+    make `model`, which each of them inherits (forked), reach it over the link instead of holding it."""
     settings, dataplane = model.settings, model.dataplane
     per_front_end = settings.max_batch_size
     server = EngineServer(dataplane.engine, model.reference, front_ends=settings.workers,

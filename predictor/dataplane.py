@@ -4,8 +4,8 @@ handlers through the kserve.Model, gRPC through the same model, the job workers)
 Behind it, top-down: the result cache (predictor.core.cache) -> decoding off the event loop
 (predictor.core.imaging) -> the dynamic batcher (predictor.core.batcher) -> the engine (an `Engine`:
 uint8 pixels in, logits out; in this process, or with `--workers N` in the engine process that every
-front-end process feeds: predictor.engines.remote, awaited on the loop through `logits_async`) -> temperature-scaled probabilities, counted for
-drift monitoring. It knows no transport: its failures are domain errors (predictor.core.errors).
+front-end process feeds: predictor.engines.remote, awaited on the loop through `logits_async`) ->
+temperature-scaled probabilities, counted for drift monitoring. It knows no transport: its failures are domain errors (predictor.core.errors).
 """
 
 import asyncio

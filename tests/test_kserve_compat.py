@@ -3,6 +3,7 @@ that stops holding (as an upgrade would break it) is reported and stops the serv
 What the patches do is tested through real servers (proxy headers: test_hardening; gRPC gates:
 test_grpc; --workers: test_workers; the logs per request: here)."""
 
+import multiprocessing
 import subprocess
 import sys
 from importlib import metadata
@@ -29,6 +30,10 @@ def add_other_middleware(self, app):  # a RESTServer._add_middlewares without th
     pass
 
 
+def worker_init_with_its_own_context(self, sockets, target, log_config_file=None):  # a RESTServerProcess that
+    self._process = multiprocessing.get_context("forkserver").Process(target=target)  # ignores the module's context
+
+
 def init_without_a_config(self, app):  # a RESTServer.__init__ that no longer builds uvicorn's Config
     self.app = app
 
@@ -40,7 +45,8 @@ def init_without_a_config(self, app):  # a RESTServer.__init__ that no longer bu
     (lambda mp: mp.setattr(grpc_server.GRPCServer, "start", lambda self, max_workers, port: None), "start(max_workers)"),
     (lambda mp: mp.delattr(model_server, "app"), "model_server.app"),
     (lambda mp: mp.setattr(rest.RESTServer, "_add_middlewares", add_other_middleware), "TimingMiddleware"),
-], ids=["worker-ping", "rest-config", "grpc-server", "grpc-start", "app", "timing-middleware"])
+    (lambda mp: mp.setattr(multiprocess.RESTServerProcess, "__init__", worker_init_with_its_own_context), "`spawn` context"),
+], ids=["worker-ping", "rest-config", "grpc-server", "grpc-start", "app", "timing-middleware", "worker-context"])
 def test_a_broken_assumption_is_named_and_stops_the_server(monkeypatch, break_it, reported):
     break_it(monkeypatch)
     found = kserve_compat.problems()

@@ -4,6 +4,9 @@ Callers `await submit(images)`; one worker task drains the queue into batches of
 `max_batch_size` images, waiting at most `max_delay` for company once the first request is in, and
 runs each batch in a single dedicated thread so the event loop is free meanwhile. While a batch runs,
 the next one fills up, so under load batches grow on their own and a lone request is not held back.
+With an engine in another process (`--workers N`: `forward_async`, predictor.engines.remote) each
+batch is awaited on the loop instead, and the next one is sent while it computes (at most
+REMOTE_PASSES_IN_FLIGHT), so the engine process can join batches of several front ends.
 A lone call's single image is computed on the event loop itself when the engine allows
 (`inline_lone_calls`): with no one else admitted, there is nothing for the loop to do meanwhile, and
 the hand-off to the forward thread and back was a third of the server's own time per call.

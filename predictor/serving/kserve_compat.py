@@ -13,9 +13,9 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
 - `use_grpc_server`: KServe's ModelServer builds the given gRPC server class (ours:
   predictor.serving.grpc_server.GuardedGRPCServer, the HTTP gates on gRPC, no model repository API)
   instead of its GRPCServer;
-- `use_patient_workers`: with `--workers N`, each worker process runs a given hook on its model
-  before KServe's routes are added (ours installs the app), and may take 60 s instead of 5 s to
-  answer KServe's liveness ping;
+- `use_patient_workers`: with `--workers N`, the worker processes are forked (not spawned) from the
+  server process, each runs a given hook on its model before KServe's routes are added (ours
+  installs the app), and may take 60 s instead of 5 s to answer KServe's liveness ping;
 - `without_timing_log`: KServe's TimingMiddleware off the app. Its only output is two `kserve.trace`
   log lines per request (wall and CPU seconds, the route found by matching every route again), which
   `api_request_latency_seconds` already measures; it cost 4 % of the server's time per call;
@@ -322,11 +322,10 @@ def _patient_worker_process() -> type:
         return base
 
     class PatientWorkerProcess(base):
-        """A KServe worker process that runs `on_worker_start` on its model first (KServe spawns each
-        worker with the model pickled and has it import `kserve.model_server.app` by name) and whose
-        liveness ping may take WORKER_ANSWER_TIMEOUT_S: a spawned worker answers only once it has
-        imported its libraries and unpickled the model, which takes longer than KServe's 5 s on a busy
-        2-core node; KServe would kill it and start another, forever."""
+        """A KServe worker process that runs `on_worker_start` on its model first (KServe has it import
+        `kserve.model_server.app` by name) and whose liveness ping may take WORKER_ANSWER_TIMEOUT_S: a
+        worker answers only once it has installed the app and connected, which on a throttled 2-core
+        node can take longer than KServe's 5 s; KServe would kill it and start another, forever."""
 
         patient = True
         on_worker_start: Callable | None = None
@@ -443,6 +442,9 @@ def problems() -> list[str]:
            "RESTServerProcess.is_alive(timeout) is gone (use_patient_workers)")
     expect(process is not None and callable(getattr(process, "target", None)) and "_real_target" in _source(multiprocess),
            "RESTServerProcess no longer runs its server through target/_real_target (use_patient_workers)")
+    kserves_own = next((c for c in getattr(process, "__mro__", ()) if c.__module__ == multiprocess.__name__), None)
+    expect(hasattr(multiprocess, "spawn") and "spawn.Process(" in _source(getattr(kserves_own, "__init__", None)),
+           "RESTServerProcess no longer starts its process through the module's `spawn` context (use_patient_workers forks)")
     expect(not hasattr(model_server, "app")  # reported above
            or model_server.app.router.default_response_class in (responses.ORJSONResponse, OrjsonResponse),
            "KServe's app no longer answers with FastAPI's ORJSONResponse by default (use_orjson_response)")
