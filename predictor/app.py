@@ -37,7 +37,7 @@ from predictor.serving.admission import Gates
 from predictor.serving.demo import build_ui_router
 from predictor.serving.docs import install_docs
 from predictor.serving.explain import build_explain_router
-from predictor.serving.guard import RequestGuard
+from predictor.serving.guard import FrontDoor, RequestGuard
 from predictor.serving.http_errors import install_error_handlers
 from predictor.serving.routes import build_router
 
@@ -70,6 +70,7 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     # The gRPC server (predictor.serving.grpc_server) admits its calls through these same gates and buckets.
     model.gates = Gates.build(settings, drain)
     app.add_middleware(RequestGuard, gates=model.gates, version=model.version, router=app.router)
+    kserve_compat.use_front_door(FrontDoor(model.gates))  # the same gates, run by the HTTP protocol first
 
     openapi.describe(app)  # what the server answers: errors per route, media types, no refused routes
     install_docs(app)  # /docs: Swagger UI from this server's own files, not a CDN

@@ -6,6 +6,7 @@ gets 503). Timeouts and bounds are set small by flags here."""
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,62 @@ def test_open_connections_are_bounded_idle_ones_give_way_then_newcomers_get_503(
     finally:
         for sock in idle:
             sock.close()
+
+
+# -- refusals answered from the head (the front door) ---------------------------------------------
+KEY = "door-key-0123456789abcdef"
+IMAGE = (Path(__file__).parent / "images" / "airplane_0000.jpg").read_bytes()
+
+
+def multipart(key: str | None, expect_continue: bool = False) -> tuple[bytes, bytes]:
+    """(head, body) of a /classify/image upload, with the key or without it."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + IMAGE + b"\r\n--b--\r\n")
+    head = (b"POST /classify/image HTTP/1.1\r\nHost: predictor\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            + (f"X-API-Key: {key}\r\n".encode() if key else b"") + (b"Expect: 100-continue\r\n" if expect_continue else b"")
+            + f"Content-Length: {len(body)}\r\n\r\n".encode())
+    return head, body
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    srv = Server("--rate_limit_per_minute", "0", env={"API_KEYS": KEY})
+    yield srv
+    srv.stop()
+
+
+def test_a_refusal_from_the_head_leaves_the_connection_in_step(keyed):
+    """Refused before its body arrives, the call's body is still read and dropped: the next requests on
+    the same keep-alive connection, refused or served, are answered in order."""
+    sock = connect(keyed)
+    try:
+        for key, status in ((None, 401), (KEY, 200), (None, 401), ("wrong", 401), (KEY, 200)):
+            head, body = multipart(key)
+            sock.sendall(head)
+            if status == 401:  # answered from the head alone, before the body is sent
+                answer_status, answer_head, answer = read_http_response(sock)
+                assert b"www-authenticate: Bearer" in answer_head
+                sock.sendall(body)
+            else:
+                sock.sendall(body)
+                answer_status, _, answer = read_http_response(sock)
+            assert answer_status == status, answer
+        # Pipelined: a refused call and a served one written together, answered in order.
+        refused, served_call = multipart(None), multipart(KEY)
+        sock.sendall(b"".join([*refused, *served_call]))
+        assert [read_http_response(sock)[0] for _ in range(2)] == [401, 200]
+    finally:
+        sock.close()
+
+
+def test_a_refused_call_that_awaits_100_continue_is_closed(keyed):
+    """A client waiting for `100 Continue` before sending its body gets the refusal and a closed
+    connection, never a connection expecting a body that will not come."""
+    sock = connect(keyed)
+    try:
+        sock.sendall(multipart(None, expect_continue=True)[0])
+        status, head, _ = read_http_response(sock)
+        assert status == 401 and b"connection: close" in head.lower()
+        assert closed_by_server(sock, 5)
+    finally:
+        sock.close()

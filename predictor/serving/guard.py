@@ -10,6 +10,11 @@ api_* metrics. Admitted calls carry `request.state.caller` (the identity the rat
 they create to its owner. Reading or cancelling a job passes the same gates, with a rate limit of its
 own (polling must not eat the caller's prediction budget, nor escape one). It also makes up for what
 Starlette and KServe do not: HEAD as GET, a 405's full Allow, versioned v2 paths, no repository API.
+
+The gates themselves run first in `FrontDoor`, which the HTTP protocol calls as soon as a request's
+head is parsed (predictor.serving.kserve_compat.use_front_door): a refusal is answered there, before
+any ASGI task, framework or routing, so far above saturation refusing costs far less than serving;
+an admitted call carries its admission on to the guard, which does not run the gates again.
 """
 
 import asyncio
@@ -67,6 +72,37 @@ def prediction_endpoint(method: str, path: str) -> str | None:
         if pattern.match(path):
             return label
     return None
+
+
+# Where the front door leaves an admitted call's rate-limit headers for the guard (in the ASGI scope's state).
+ADMITTED_AT_DOOR = "predictor.admitted"
+
+
+class FrontDoor:
+    """The gates of a guarded call, decided from its head alone by the HTTP protocol (no ASGI task yet):
+    (status, headers, body) of the refusal, recorded in api_*, or None to let the call go on."""
+
+    def __init__(self, gates: Gates):
+        self.gates = gates
+
+    def __call__(self, scope: dict) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        endpoint = prediction_endpoint(scope["method"], scope["path"])
+        if endpoint is None:
+            return None
+        started = time.perf_counter()
+        extra_headers: list[tuple[bytes, bytes]] = []
+        refused = self.gates.refusal(scope, extra_headers, job_read=endpoint == JOB_READ_ENDPOINT)
+        if refused is None:
+            scope.setdefault("state", {})[ADMITTED_AT_DOOR] = extra_headers
+            return None
+        shape = OIP_ERRORS.set(scope["path"].startswith("/v2/"))
+        try:
+            response = error_response(refused)
+        finally:
+            OIP_ERRORS.reset(shape)
+        if endpoint != JOB_READ_ENDPOINT:
+            metrics.record_call(endpoint, response.status_code, time.perf_counter() - started)
+        return response.status_code, [*response.raw_headers, *extra_headers], response.body
 
 
 class RequestGuard:
@@ -128,7 +164,12 @@ class RequestGuard:
             await send(message)
 
         try:
-            refused = self.gates.refusal(scope, extra_headers, job_read=endpoint == JOB_READ_ENDPOINT)
+            admitted = scope.get("state", {}).pop(ADMITTED_AT_DOOR, None)
+            if admitted is not None:  # the front door ran the gates on this call already
+                extra_headers.extend(admitted)
+                refused = None
+            else:
+                refused = self.gates.refusal(scope, extra_headers, job_read=endpoint == JOB_READ_ENDPOINT)
             refusal = error_response(refused) if refused is not None else None
             if refusal is None:
                 refusal = self._declared_too_large(scope, body_limit)

@@ -9,7 +9,9 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
   uvicorn's Config and does not expose `proxy_headers`; predictor.core.security decides the
   client), its access log as `--request_log` says (KServe leaves it on), and its HTTP protocol
   `LimitedHttpProtocol`: connection limits uvicorn lacks (a deadline for a request's head, a bound
-  on its size, the idle timeout from the first byte, a bound on open connections);
+  on its size, the idle timeout from the first byte, a bound on open connections), and a front door
+  (`use_front_door`): a request refused from its head alone is answered by the protocol itself, with
+  no ASGI task, framework or routing;
 - `use_grpc_server`: KServe's ModelServer builds the given gRPC server class (ours:
   predictor.serving.grpc_server.GuardedGRPCServer, the HTTP gates on gRPC, no model repository API)
   instead of its GRPCServer;
@@ -135,6 +137,18 @@ def _raw_response(status: bytes, body: bytes, *extra: bytes) -> bytes:
                      str(len(body)).encode(), b"\r\nconnection: close\r\n", *extra, b"\r\n", body])
 
 
+# Called by every HTTP connection with a request's ASGI scope once its head is parsed (use_front_door).
+_front_door: Callable[[dict], tuple[int, list, bytes] | None] | None = None
+
+
+def use_front_door(door: Callable[[dict], tuple[int, list, bytes] | None] | None) -> None:
+    """Have this process's HTTP connections call `door(scope)` once a request's head is parsed, before any
+    ASGI task is made: (status, headers, body) is written as the whole answer there and then; None lets
+    the request go on to the app."""
+    global _front_door
+    _front_door = door
+
+
 class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a head over the size limit."""
 
@@ -252,6 +266,41 @@ def _limited_http_protocol() -> type:
         def on_response_complete(self) -> None:
             self.last_active = time.monotonic()
             super().on_response_complete()
+
+        # -- the front door: a request refused as soon as its head is parsed, with no ASGI task
+        def _start_asgi_task(self, cycle, app) -> None:
+            door = _front_door
+            answer = None
+            if door is not None:
+                try:
+                    answer = door(cycle.scope)
+                except Exception:  # the app's own guard decides then, and reports what is wrong
+                    logging.getLogger("predictor").exception("the front door failed; the request goes on to the app")
+            if answer is None:
+                super()._start_asgi_task(cycle, app)
+            else:
+                self._answer_at_door(cycle, *answer)
+
+        def _answer_at_door(self, cycle, status: int, headers: list, body: bytes) -> None:
+            """Write a whole response as uvicorn's cycle would (its default headers, keep-alive unless
+            the answer or the request says close) and complete the cycle; the request's body, if it
+            comes, is read and dropped by the parser as for any answered request."""
+            from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
+            close = not cycle.keep_alive or cycle.waiting_for_100_continue or (b"connection", b"close") in headers
+            content = [STATUS_LINE[status]]
+            for name, value in [*cycle.default_headers, *headers]:
+                content.extend([name, b": ", value, b"\r\n"])
+            if close and (b"connection", b"close") not in headers:
+                content.append(b"connection: close\r\n")
+            content.extend([b"\r\n", body])
+            self.transport.write(b"".join(content))
+            cycle.response_started = cycle.response_complete = True
+            cycle.keep_alive, cycle.waiting_for_100_continue = not close, False
+            cycle.message_event.set()
+            if close:
+                self.transport.close()
+            self.on_response_complete()
 
         def _stop_head_timer(self) -> None:
             if self.head_timer is not None:
