@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Server, read_http_response, wait_until
+from .conftest import Server, calls_in_flight, read_http_response, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -203,8 +203,14 @@ def test_a_refusal_from_the_head_leaves_the_connection_in_step(keyed):
         refused, served_call = multipart(None), multipart(KEY)
         sock.sendall(b"".join([*refused, *served_call]))
         assert [read_http_response(sock)[0] for _ in range(2)] == [401, 200]
+        # Admitted at the door, refused after it by the declared size: its place in flight is given back.
+        sock.sendall(b"POST /classify/image HTTP/1.1\r\nHost: predictor\r\nX-API-Key: " + KEY.encode()
+                     + b"\r\nContent-Type: image/jpeg\r\nContent-Length: 999999999\r\n\r\n")
+        assert read_http_response(sock)[0] == 413
     finally:
         sock.close()
+    # Every call admitted at the door was counted in flight once and released once.
+    assert wait_until(lambda: calls_in_flight(keyed.url) == 0, 10, "no call left in flight") is True
 
 
 def test_a_refused_call_that_awaits_100_continue_is_closed(keyed):

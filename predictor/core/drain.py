@@ -46,16 +46,26 @@ class Drain:
         return self.in_flight
 
     @contextmanager
-    def admitted(self) -> Iterator[None]:
+    def admitted(self, reserved: bool = False) -> Iterator[None]:
         """One admitted prediction call (HTTP or gRPC) while it runs: counted in flight here and in
-        predictor_in_flight_requests."""
-        self.in_flight += 1
-        metrics.IN_FLIGHT.inc()
+        predictor_in_flight_requests (from `reserve`, when its place was reserved at admission)."""
+        if not reserved:
+            self.reserve()
         try:
             yield
         finally:
-            self.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
+            self.release()
+
+    def reserve(self) -> None:
+        """Count a call in flight from the moment it is admitted (HTTP's front door admits a call a loop
+        turn before it runs: the next head must already see it); `admitted(reserved=True)` or `release`
+        ends it."""
+        self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        metrics.IN_FLIGHT.dec()
 
     def begin(self) -> None:
         if self.draining:

@@ -93,6 +93,7 @@ class FrontDoor:
         extra_headers: list[tuple[bytes, bytes]] = []
         refused = self.gates.refusal(scope, extra_headers, job_read=endpoint == JOB_READ_ENDPOINT)
         if refused is None:
+            self.gates.drain.reserve()  # released by the guard, which this call reaches next
             scope.setdefault("state", {})[ADMITTED_AT_DOOR] = extra_headers
             return None
         shape = OIP_ERRORS.set(scope["path"].startswith("/v2/"))
@@ -174,9 +175,12 @@ class RequestGuard:
             if refusal is None:
                 refusal = self._declared_too_large(scope, body_limit)
             if refusal is not None:
+                if admitted is not None:
+                    self.drain.release()
                 await refusal(scope, receive, send_and_record)
             else:
-                await self._admitted(scope, receive, send_and_record, status, settings, body_limit)
+                await self._admitted(scope, receive, send_and_record, status, settings, body_limit,
+                                     reserved=admitted is not None)
         finally:
             if endpoint != JOB_READ_ENDPOINT:  # api_* (and the error-ratio alert on them) are prediction calls
                 metrics.record_call(endpoint, status["code"], time.perf_counter() - started)
@@ -200,12 +204,13 @@ class RequestGuard:
                 raise
             await error_response(exc if isinstance(exc, ApiError) else exc.error)(scope, receive, send)
 
-    async def _admitted(self, scope, receive, send, status: dict, settings, body_limit: int) -> None:
+    async def _admitted(self, scope, receive, send, status: dict, settings, body_limit: int,
+                        reserved: bool = False) -> None:
         """Run an admitted prediction call, counted in flight, under its deadline: its body (streamed
         in, cut off at the size limit; a v2 binary body read whole and its framing checked first) and
         the route. 504 once the deadline passes; the error of a refused body as JSON, never a 500."""
         timeout_s = settings.request_timeout_s
-        with self.drain.admitted():
+        with self.drain.admitted(reserved):
             try:
                 async with asyncio.timeout(timeout_s):
                     receive = self._counting(receive, body_limit)
