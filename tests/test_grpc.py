@@ -134,7 +134,8 @@ def rss_mib(srv: Server) -> float:
 
 def test_refused_calls_are_refused_before_their_message_is_read(cifar_jpegs):
     """Keys on, 40 concurrent ~10 MB ModelInfer calls without a key: every one is refused UNAUTHENTICATED,
-    and the server's memory never holds their messages (400 MB, read whole before the gates before)."""
+    and the server's memory never holds their messages (400 MB, read whole before the gates before; with
+    gRPC's BDP probing on, 38-150 MB of them were read ahead, the more the busier the machine)."""
     import concurrent.futures
     import os
     import threading
@@ -157,8 +158,8 @@ def test_refused_calls_are_refused_before_their_message_is_read(cifar_jpegs):
         done.set()
         sampler.join()
         assert {e.code() for e in errors} == {grpc.StatusCode.UNAUTHENTICATED}, {e.code() for e in errors}
-        assert peak[0] - baseline < 120, (baseline, peak[0])
-        assert rss_mib(srv) - baseline < 120, (baseline, rss_mib(srv))
+        assert peak[0] - baseline < 20, (baseline, peak[0])
+        assert rss_mib(srv) - baseline < 20, (baseline, rss_mib(srv))
         # Admitted calls are read as before.
         reply = srv.stub.ModelInfer(image_request(cifar_jpegs["cat_0000.jpg"]), metadata=(("x-api-key", KEY),), timeout=30)
         assert reply.outputs[1].contents.bytes_contents == [b"cat"]
