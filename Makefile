@@ -106,6 +106,7 @@ bench: install bench-peers
 	$(PY) bench/stack_cost.py
 	$(PY) bench/scaling.py
 	$(PY) bench/engine_process.py
+	$(PY) bench/targets.py
 
 # The servers a user would pick instead, each in a virtual environment of its own (pinned in
 # bench/peers/requirements-*.txt; remade when those change).
