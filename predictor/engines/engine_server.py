@@ -162,10 +162,7 @@ class EngineServer:
             self._drop(front_end, "closed its link")
             return
         front_end.received += data
-        size = HEADER.size
-        while len(front_end.received) >= size:
-            request_id, op, slot, count = HEADER.unpack_from(front_end.received)
-            del front_end.received[:size]
+        for request_id, op, slot, count in link.headers(front_end.received):
             if slot >= front_end.layout.slots or count > front_end.layout.max_images:
                 self._drop(front_end, f"sent a request outside its region (slot {slot}, {count} images)")
                 return

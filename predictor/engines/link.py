@@ -14,6 +14,7 @@ its reply.
 """
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,16 @@ class EngineGone(Exception):
 
 class ForwardFailed(Exception):
     """The engine process ran the pass and it raised (its log has why)."""
+
+
+def headers(received: bytearray) -> Iterator[tuple[int, int, int, int]]:
+    """The whole headers at the front of `received` (a link's bytes read so far), each taken off it as it
+    is yielded: (request id, op or kind, slot, count). A partial header stays for the next read."""
+    size = HEADER.size
+    while len(received) >= size:
+        fields = HEADER.unpack_from(received)
+        del received[:size]
+        yield fields
 
 
 def address(token: str) -> str:

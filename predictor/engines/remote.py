@@ -171,10 +171,7 @@ class RemoteEngine:
             self._lose("the engine process closed the link")
             return
         self._received += data
-        size = HEADER.size
-        while len(self._received) >= size:
-            request_id, kind, slot, count = HEADER.unpack_from(self._received)
-            del self._received[:size]
+        for request_id, kind, slot, count in link.headers(self._received):
             if kind == link.REPLY_STATUS:
                 if slot and not self.started:
                     log.info("engine process: all %d front end(s) connected", count)
