@@ -11,9 +11,12 @@ aiohttp's FormData per request was a third of the generator's CPU, taken from th
 """
 
 import asyncio
+import http.client
 import itertools
+import multiprocessing
 import resource
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,3 +191,58 @@ async def open_loop(url: str, images: list[bytes], rate: float, seconds: float, 
     if pid is not None:
         report.update(rss_mib_samples=rss, rss_growth_mib=round(rss[-1][1] - rss[0][1], 1))
     return report
+
+
+def _probe(url: str, upload: tuple[bytes, dict], pause_s: float, stop, results) -> None:
+    """One caller on a keep-alive connection of its own: a call, its answer, a pause, again until `stop`."""
+    target = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+    body, headers = upload
+    samples = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        try:
+            connection.request("POST", target.path, body=body, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            status = response.status
+        except (OSError, http.client.HTTPException):
+            status, connection = 0, http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+        samples.append((status, time.perf_counter() - started))
+        time.sleep(pause_s)
+    results.send(samples)
+
+
+class Probe:
+    """What one well-behaved caller sees while a load runs beside it: a process of its own (so the load
+    generator's own event loop, saturated past a server's capacity, adds nothing to its latencies) making
+    one multipart call at a time with `pause_s` between them. `with Probe(url, image) as probe:` around the
+    load; then `probe.report()`: the 200s' and the 503s' counts and latency percentiles."""
+
+    def __init__(self, url: str, image: bytes, pause_s: float = 0.02):
+        context = multiprocessing.get_context("fork")
+        self._stop = context.Event()
+        self._receive, send = context.Pipe(duplex=False)
+        self._process = context.Process(target=_probe, args=(url, multipart_upload(image), pause_s, self._stop, send),
+                                        daemon=True)
+        self.samples: list[tuple[int, float]] = []
+
+    def __enter__(self) -> "Probe":
+        self._process.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.samples = self._receive.recv() if self._receive.poll(120) else []
+        self._process.join(10)
+
+    def report(self) -> dict:
+        def latencies(status: int) -> np.ndarray:
+            return np.array([s for code, s in self.samples if code == status]) * 1000
+
+        answered, refused = latencies(200), latencies(503)
+        return {"calls": len(self.samples), "answered": len(answered), "refused": len(refused),
+                "other": len(self.samples) - len(answered) - len(refused),
+                "p50_ms": percentile(answered, 50), "p99_ms": percentile(answered, 99),
+                "refusal_p50_ms": percentile(refused, 50), "refusal_p99_ms": percentile(refused, 99)}
+

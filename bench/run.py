@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.loadgen import open_loop, run_load  # noqa: E402
+from bench.loadgen import Probe, open_loop, run_load  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
 from bench.v2_requests import http_load  # noqa: E402
 from predictor.engines.devices import usable_cores  # noqa: E402
@@ -136,18 +136,25 @@ def model_only(spec: str, batch: int, seconds: float, device: str = "cpu") -> di
 def overload(server: tuple[subprocess.Popen, str], sweep: list[dict], images: list[bytes], seconds: float) -> dict:
     """The predictor past saturation (its best closed-loop rate in this run): 1,024 closed-loop clients,
     then an open-loop offered rate of 4x saturation. Goodput, the refusals' own latency, and
-    anything that was neither answered nor refused (errors: lost)."""
+    anything that was neither answered nor refused (errors: lost); beside each load, a probe caller
+    in a process of its own (loadgen.Probe) reports what one caller sees without the load generator's
+    saturated event loop in its latencies."""
     process, url = server
     saturation = max(r["throughput"] for r in sweep)
-    closed = asdict(run_load(url, images, 1024, seconds))
-    opened = asyncio.run(open_loop(url, images, 4 * saturation, seconds, process.pid))
+    with Probe(url, images[0]) as closed_probe:
+        closed = asdict(run_load(url, images, 1024, seconds))
+    with Probe(url, images[0]) as open_probe:
+        opened = asyncio.run(open_loop(url, images, 4 * saturation, seconds, process.pid))
+    closed["probe"], opened["probe"] = closed_probe.report(), open_probe.report()
     report = {"saturation_rps": saturation, "closed_loop_c1024": closed, "open_loop_4x": opened}
     print(f"overload: saturation {saturation} req/s; c=1024 closed loop {closed['throughput']} req/s "
           f"({closed['throughput'] / saturation:.0%}), p99 {closed['p99_ms']} ms, {closed['shed']} refused "
           f"(p99 {closed['shed_p99_ms']} ms), {closed['errors']} errors, load generator {closed['client_cpu_share']} core; "
           f"open loop at {opened['rate']} req/s: goodput {opened['goodput_rps']} req/s "
           f"({opened['goodput_rps'] / saturation:.0%}), statuses {opened['statuses']}, refusal p99 "
-          f"{opened['refusal_p99_ms']} ms, load generator {opened['client_cpu_share']} core", flush=True)
+          f"{opened['refusal_p99_ms']} ms, load generator {opened['client_cpu_share']} core; a probe caller in a process "
+          f"of its own saw refusal p99 {closed['probe']['refusal_p99_ms']} / {opened['probe']['refusal_p99_ms']} ms "
+          f"(closed / open loop)", flush=True)
     return report
 
 

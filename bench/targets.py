@@ -66,9 +66,13 @@ def speed_lines(bench: dict) -> list[str]:
         shares = (closed["throughput"] / saturation, opened["goodput_rps"] / saturation)
         lines.append(f"overload goodput >= 90 % of {saturation} req/s: c=1024 closed loop {shares[0]:.0%}, "
                      f"4x open loop {shares[1]:.0%} -> {verdict(min(shares) >= 0.9)}")
+        seen = f"as the load generator saw them {closed['shed_p99_ms']} / {opened['refusal_p99_ms']} ms"
         refusal_p99 = max(closed["shed_p99_ms"], opened["refusal_p99_ms"])
-        lines.append(f"overload refusal p99 <= 50 ms: {closed['shed_p99_ms']} / {opened['refusal_p99_ms']} ms -> "
-                     f"{verdict(refusal_p99 <= 50)}")
+        if "probe" in closed and "probe" in opened:  # one caller in its own process: the server's part alone
+            probed = (closed["probe"]["refusal_p99_ms"], opened["probe"]["refusal_p99_ms"])
+            seen = f"as a probe caller saw them {probed[0]} / {probed[1]} ms ({seen})"
+            refusal_p99 = max(probed)
+        lines.append(f"overload refusal p99 <= 50 ms (closed / open loop): {seen} -> {verdict(refusal_p99 <= 50)}")
         lost = closed["errors"] + sum(n for status, n in opened["statuses"].items() if status not in ("200", "503"))
         lines.append(f"overload: nothing lost (answers other than 200/503, transport errors): {lost} -> {verdict(lost == 0)}")
     return lines
