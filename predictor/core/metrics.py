@@ -37,11 +37,21 @@ CONFIDENCE = Histogram("predictor_confidence", "Confidence (calibrated probabili
                        ["model_version"], buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
 
 
+# The api_* series of each (endpoint, status) seen, looked up once: `labels()` validates and locks on
+# every call, and recording itself was a tenth of a refusal's cost at the front door. Bounded: a fixed
+# set of endpoints and statuses.
+_CALL_SERIES: dict[tuple[str, int], tuple] = {}
+
+
 def record_call(endpoint: str, status: int, seconds: float) -> None:
     """Count one prediction call (HTTP or gRPC) under the seed's api_* names, with the HTTP status its
     outcome corresponds to."""
-    REQUESTS.labels(endpoint, "success" if status < 400 else "error", str(status)).inc()
-    LATENCY.labels(endpoint).observe(seconds)
+    series = _CALL_SERIES.get((endpoint, status))
+    if series is None:
+        series = _CALL_SERIES[endpoint, status] = (
+            REQUESTS.labels(endpoint, "success" if status < 400 else "error", str(status)), LATENCY.labels(endpoint))
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 def record_prediction(predicted_class: str, confidence: float, model_version: str) -> None:

@@ -37,7 +37,7 @@ from predictor.core.errors import (
 )
 from predictor.payloads import v2_binary_framing_error
 from predictor.serving.admission import Gates
-from predictor.serving.http_errors import OIP_ERRORS, BodyRefused, error_response
+from predictor.serving.http_errors import OIP_ERRORS, BodyRefused, error_parts, error_response
 
 # Calls that need a key (when keys are configured), are rate-limited and count in api_*, with the
 # endpoint label they are counted under: the seed's names (a fixed set, so paths cannot explode it).
@@ -96,14 +96,10 @@ class FrontDoor:
             self.gates.drain.reserve()  # released by the guard, which this call reaches next
             scope.setdefault("state", {})[ADMITTED_AT_DOOR] = extra_headers
             return None
-        shape = OIP_ERRORS.set(scope["path"].startswith("/v2/"))
-        try:
-            response = error_response(refused)
-        finally:
-            OIP_ERRORS.reset(shape)
+        status, headers, body = error_parts(refused, oip=scope["path"].startswith("/v2/"))
         if endpoint != JOB_READ_ENDPOINT:
-            metrics.record_call(endpoint, response.status_code, time.perf_counter() - started)
-        return response.status_code, [*response.raw_headers, *extra_headers], response.body
+            metrics.record_call(endpoint, status, time.perf_counter() - started)
+        return status, [*headers, *extra_headers], body
 
 
 class RequestGuard:

@@ -61,14 +61,26 @@ def http_status(error: ApiError) -> int:
     return 500
 
 
+def _body(code: str, message: str, oip: bool) -> bytes:
+    return orjson.dumps({"error": message, "code": code} if oip else {"error": {"code": code, "message": message}})
+
+
 def _response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = {"error": message, "code": code} if OIP_ERRORS.get() else {"error": {"code": code, "message": message}}
-    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+    return Response(_body(code, message, OIP_ERRORS.get()), status_code=status, headers=headers, media_type="application/json")
 
 
 def error_response(error: ApiError) -> Response:
     """The domain error as a response (an ASGI app too, for middleware that answers before routing)."""
     return _response(http_status(error), error.code, error.message, error.headers)
+
+
+def error_parts(error: ApiError, oip: bool) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The same answer as raw (status, headers, body), for a writer below ASGI (the front door); `oip`:
+    the OIP shape, as on the v2 routes."""
+    body = _body(error.code, error.message, oip)
+    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
+               *((name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (error.headers or {}).items())]
+    return http_status(error), headers, body
 
 
 class BodyRefused(HTTPException):
