@@ -39,7 +39,7 @@ from predictor.serving.docs import install_docs
 from predictor.serving.explain import build_explain_router
 from predictor.serving.guard import FrontDoor, RequestGuard
 from predictor.serving.http_errors import install_error_handlers
-from predictor.serving.routes import build_router
+from predictor.serving.routes import build_router, plain_routes
 
 log = logging.getLogger("predictor")
 
@@ -59,7 +59,8 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     namespace = f"{model.version}:{dataplane.engine.precision}"
     dataplane.use_cache(build_cache(settings, namespace))
     kserve_compat.use_orjson_response(app)  # before any route: the routes take the app's response class
-    app.include_router(build_router(model))
+    router = build_router(model)
+    app.include_router(router)
     app.include_router(build_explain_router(model))
     app.include_router(build_ui_router(model))
     # `/classify/image/` would otherwise be redirected (307) to an absolute URL built from the
@@ -69,7 +70,8 @@ def install(app: FastAPI, model: Cifar10Classifier) -> None:
     omit_unset_optional_fields()
     # The gRPC server (predictor.serving.grpc_server) admits its calls through these same gates and buckets.
     model.gates = Gates.build(settings, drain)
-    app.add_middleware(RequestGuard, gates=model.gates, version=model.version, router=app.router)
+    app.add_middleware(RequestGuard, gates=model.gates, version=model.version, router=app.router,
+                       direct_routes=plain_routes(router))
     kserve_compat.use_front_door(FrontDoor(model.gates))  # the same gates, run by the HTTP protocol first
 
     openapi.describe(app)  # what the server answers: errors per route, media types, no refused routes

@@ -105,3 +105,27 @@ def test_a_failed_forward_pass_is_a_500_inference_error_that_names_no_internals(
     assert (http_status(error), error.code, error.message) == (500, "inference_error", FORWARD_FAILED)
     model.dataplane.batcher.forward = working
     assert call(app, "POST", "/classify/image", files={"file": (name, data, "image/jpeg")}).status_code == 200
+
+
+def test_a_middleware_inside_the_guard_still_sees_the_hot_routes(cifar_jpegs):
+    """The guard calls the hot endpoints itself only when nothing but the framework lies between it and
+    them: a user middleware there (KServe adds its access logger inside the guard when asked to) still
+    sees every call."""
+    seen = []
+
+    class Recorder:
+        def __init__(self, asgi_app):
+            self.app = asgi_app
+
+        async def __call__(self, scope, receive, send):
+            seen.append(scope["path"])
+            await self.app(scope, receive, send)
+
+    model = Cifar10Classifier("recorded", Settings(model_dir=default_model_dir(), rate_limit_per_minute=0))
+    model.load()
+    app = FastAPI()
+    app.add_middleware(Recorder)  # before install: inside the guard, which install adds outermost
+    install(app, model)
+    answer = call(app, "POST", "/classify/image", files={"file": cifar_jpegs["cat_0000.jpg"]})
+    assert answer.status_code == 200 and answer.json()["predicted_class"] == "cat"
+    assert "/classify/image" in seen

@@ -22,7 +22,8 @@ import re
 import time
 import zlib
 
-from starlette.routing import Match
+from starlette.requests import Request
+from starlette.routing import Match, Route
 
 from predictor.core import metrics
 from predictor.core.errors import (
@@ -37,7 +38,7 @@ from predictor.core.errors import (
 )
 from predictor.payloads import v2_binary_framing_error
 from predictor.serving.admission import Gates
-from predictor.serving.http_errors import OIP_ERRORS, BodyRefused, error_parts, error_response
+from predictor.serving.http_errors import OIP_ERRORS, BodyRefused, error_parts, error_response, handled
 
 # Calls that need a key (when keys are configured), are rate-limited and count in api_*, with the
 # endpoint label they are counted under: the seed's names (a fixed set, so paths cannot explode it).
@@ -108,7 +109,8 @@ class RequestGuard:
     `gates` holds the settings, the drain (the in-flight count this guard keeps) and the limiter.
     """
 
-    def __init__(self, asgi_app, gates: Gates, version: str | None = None, router=None):
+    def __init__(self, asgi_app, gates: Gates, version: str | None = None, router=None,
+                 direct_routes: list[Route] = ()):
         self.app = asgi_app
         self.gates = gates
         self.router = router  # the app's routes (KServe's included once the server starts): for 405s' Allow
@@ -118,6 +120,12 @@ class RequestGuard:
         self.settings = gates.settings
         self.drain = gates.drain
         self.limiter = gates.limiter
+        # Plain endpoints (the hot POST routes) the guard calls itself, with the app's error handlers: what
+        # lies between it and them otherwise (the framework's exception and telemetry middleware, its exit
+        # stack and body limit, and two routers matching the path again) does nothing for them. Only when
+        # nothing but the framework's own layers lies there (another user middleware would be skipped).
+        framework_only = type(asgi_app).__module__.split(".")[0] in ("starlette", "fastapi")
+        self.direct = [(route.path_regex, route.endpoint) for route in direct_routes] if framework_only else []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -216,7 +224,7 @@ class RequestGuard:
                     header_length = dict(scope["headers"]).get(b"inference-header-content-length")
                     if header_length is not None:
                         receive = await self._screen_v2_binary(header_length, receive)
-                    await self.app(scope, receive, send)
+                    await self._route(scope, receive, send)
             except TimeoutError:
                 if status["started"]:
                     raise
@@ -225,6 +233,19 @@ class RequestGuard:
                 if status["started"]:
                     raise
                 await error_response(exc if isinstance(exc, ApiError) else exc.error)(scope, receive, send)
+
+    async def _route(self, scope, receive, send) -> None:
+        """An admitted call to its endpoint: a direct one when its path is one of them, else the app."""
+        for pattern, endpoint in self.direct:
+            if scope["method"] == "POST" and (match := pattern.match(scope["path"])):
+                scope["path_params"] = match.groupdict()
+                request = Request(scope, receive, send)
+                try:
+                    response = await endpoint(request)
+                except Exception as exc:  # noqa: BLE001: answered as the app's handlers answer it
+                    response = await handled(request, exc)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
     def _allow_every_method(self, scope, send):
         """A 405's Allow lists every method the path has: Starlette names only the first route whose path

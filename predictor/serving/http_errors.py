@@ -145,6 +145,13 @@ _HANDLERS = {
 }
 
 
+async def handled(request: Request, exc: Exception) -> Response:
+    """The answer the app's handlers give to `exc` (the most specific handler for its type, as Starlette
+    picks it), for a caller that runs an endpoint without the app's exception middleware."""
+    handler = next(_HANDLERS[kind] for kind in type(exc).__mro__ if kind in _HANDLERS)
+    return await handler(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Ours for every exception type, replacing KServe's plain-string ones where both exist."""
     for exc_type, handler in _HANDLERS.items():

@@ -18,6 +18,7 @@ import orjson
 from fastapi import APIRouter, File, Query, Request, Response, UploadFile
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 
 from predictor.core import metrics
 from predictor.core.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UnprocessableRequest
@@ -151,3 +152,10 @@ def build_router(model: Cifar10Classifier) -> APIRouter:
         return Response(content=body, headers={"content-type": content_type})
 
     return router
+
+
+def plain_routes(router: APIRouter) -> list[Route]:
+    """The router's plain Starlette routes (the hot ones: no FastAPI machinery of their own), which the
+    guard may call without the framework's middleware and routing (predictor.serving.guard)."""
+    return [route for route in router.routes if type(route) is Route]
+
