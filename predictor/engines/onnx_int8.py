@@ -54,7 +54,7 @@ class OnnxEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.logits(np.zeros((max_batch_size, 32, 32, 3), np.uint8))  # first-run allocations, before ready
-        self.startup_seconds = round(time.perf_counter() - started, 1)
+        self.startup_seconds = round(time.perf_counter() - started, 3)
 
     def available(self) -> bool:
         return True  # in this process: there whenever the process is

@@ -106,7 +106,7 @@ class InferenceEngine:
         # of the compiled graph itself (a ~0.5 s p99 spike on the first busy seconds without it).
         for size in (self.buckets or sorted({1, max_batch_size})) * 2:
             self.logits(np.zeros((size, 32, 32, 3), np.uint8))
-        self.startup_seconds = round(time.perf_counter() - started, 1)
+        self.startup_seconds = round(time.perf_counter() - started, 3)
 
     def _build(self, model: torch.nn.Module, calibration: np.ndarray | None,
                compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
