@@ -120,12 +120,12 @@ class RequestGuard:
         self.settings = gates.settings
         self.drain = gates.drain
         self.limiter = gates.limiter
-        # Plain endpoints (the hot POST routes) the guard calls itself, with the app's error handlers: what
+        # Plain endpoints (the hot routes) the guard calls itself, with the app's error handlers: what
         # lies between it and them otherwise (the framework's exception and telemetry middleware, its exit
         # stack and body limit, and two routers matching the path again) does nothing for them. Only when
         # nothing but the framework's own layers lies there (another user middleware would be skipped).
         framework_only = type(asgi_app).__module__.split(".")[0] in ("starlette", "fastapi")
-        self.direct = [(route.path_regex, route.endpoint) for route in direct_routes] if framework_only else []
+        self.direct = [(route.path_regex, route.methods, route.endpoint) for route in direct_routes] if framework_only else []
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -236,8 +236,8 @@ class RequestGuard:
 
     async def _route(self, scope, receive, send) -> None:
         """An admitted call to its endpoint: a direct one when its path is one of them, else the app."""
-        for pattern, endpoint in self.direct:
-            if scope["method"] == "POST" and (match := pattern.match(scope["path"])):
+        for pattern, methods, endpoint in self.direct:
+            if scope["method"] in methods and (match := pattern.match(scope["path"])):
                 scope["path_params"] = match.groupdict()
                 request = Request(scope, receive, send)
                 try:
