@@ -194,7 +194,9 @@ def test_sigterm_drains_the_front_ends_while_the_engine_still_serves_them():
     assert {r[2] for r in results} <= {200, 503, None}
     assert {r[3] for r in results if r[2] == 503} <= {"shutting_down"}, "a call lost its engine while draining"
     assert log.count("drained: 0 admitted request(s) still in flight at exit") == 2, log[-3000:]
-    assert len(re.findall(r"front end \d+ closed its link; 0 of its request\(s\) dropped", log)) == 2
+    # The engine may stop before it reads the last front end's close: each close it logged dropped nothing.
+    dropped = re.findall(r"front end \d+ closed its link; (\d+) of its request\(s\) dropped", log)
+    assert dropped and set(dropped) == {"0"}, dropped
     # Drain order: each front end finished before the engine process stopped.
     stopped = log.index("Stopping parent process")
     assert all(log.index(f"Finished server process [{pid}]") < stopped for pid in children)
