@@ -24,7 +24,7 @@ from predictor.core.batcher import DynamicBatcher
 from predictor.core.cache import ResultCache
 from predictor.core.drain import Drain
 from predictor.core.errors import ApiError
-from predictor.core.imaging import INLINE_MAX_BYTES, decode_image, is_cheap, open_image, pixels_of
+from predictor.core.imaging import INLINE_MAX_BYTES, decode_image, is_cheap, native_jpeg_pixels, open_image, pixels_of
 
 Slots = list[np.ndarray | ApiError]
 
@@ -159,6 +159,8 @@ class DataPlane:
             try:
                 if background or len(item) > INLINE_MAX_BYTES:
                     return await loop.run_in_executor(pool, decode_image, item, max_side)
+                if (pixels := native_jpeg_pixels(item, max_side)) is not None:
+                    return pixels
                 image = open_image(item, max_side)
                 return pixels_of(image) if is_cheap(image) else await loop.run_in_executor(pool, pixels_of, image)
             except ApiError as exc:

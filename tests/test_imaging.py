@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from predictor.core.errors import ApiError
-from predictor.core.imaging import decode_image, sniff_format
+from predictor.core.imaging import decode_image, native_jpeg_pixels, open_image, pixels_of, sniff_format
 from predictor.serving.http_errors import http_status
 
 from .conftest import encode
@@ -140,3 +140,40 @@ def test_large_jpeg_downscaled(cifar_jpegs):
 def test_sniff_format():
     assert sniff_format(b"\xff\xd8\xff\xe0rest") == "JPEG"
     assert sniff_format(b"\x89PNG\r\n\x1a\nrest") == "PNG"
+
+
+def _jpeg_variants(cifar_jpegs) -> list[bytes]:
+    """32x32 JPEGs as clients make them: the shipped CIFAR files, and re-encodings of them at every
+    quality band, each chroma subsampling, progressive, optimized, grayscale."""
+    variants = list(cifar_jpegs.values())
+    for i, data in enumerate(list(cifar_jpegs.values())[:6]):
+        picture = Image.open(io.BytesIO(data)).convert("RGB")
+        for quality in (5, 50, 75, 95, 100):
+            variants.append(encode(picture, "JPEG", quality=quality, subsampling=i % 3))
+        variants.append(encode(picture, "JPEG", progressive=True, optimize=True))
+        variants.append(encode(picture.convert("L"), "JPEG"))
+    return variants
+
+
+def test_native_jpeg_path_gives_pils_pixels(cifar_jpegs):
+    # The clients' common file decoded without PIL must be exactly what the PIL path gives it.
+    for data in _jpeg_variants(cifar_jpegs):
+        native = native_jpeg_pixels(data)
+        assert native is not None
+        assert native.shape == (32, 32, 3) and native.dtype == np.uint8
+        assert np.array_equal(native, pixels_of(open_image(data)))
+
+
+def test_native_jpeg_path_leaves_the_rest_to_pil(cifar_jpegs):
+    data = next(iter(cifar_jpegs.values()))
+    picture = Image.open(io.BytesIO(data))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for other in (encode(picture, "JPEG", exif=exif.tobytes()),  # orientation: PIL applies it
+                  encode(solid("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"),
+                  encode(picture.resize((64, 64)), "JPEG"), encode(picture), data[: len(data) // 2]):
+        assert native_jpeg_pixels(other) is None
+    assert native_jpeg_pixels(data, max_side=31) is None
+    with pytest.raises(ApiError) as err:
+        decode_image(data, max_side=31)
+    assert http_status(err.value) == 413

@@ -25,6 +25,7 @@ from predictor.core.errors import ApiError, InvalidRequest, NotFound, PayloadToo
 from predictor.model import Cifar10Classifier
 from predictor.payloads import SERVER_EXTENSIONS, timestamp, v2_request
 from predictor.serving.http_errors import error_response
+from predictor.serving.single_part import single_file_part
 
 NOT_READY = Unavailable("model_not_ready", "The model is not loaded yet.")
 MAX_TOP_K = 10
@@ -42,9 +43,14 @@ def top_k_of(request: Request) -> int | None:
 
 
 async def uploaded_file(request: Request, field: str) -> bytes:
-    """The bytes of the multipart file part `field`, parsed as FastAPI parses a File() parameter (the
-    same parser and limits: a malformed body is its 400, a missing or non-file field a 422)."""
+    """The bytes of the multipart file part `field`: the one-part body clients send found directly
+    (predictor.serving.single_part), any other parsed as FastAPI parses a File() parameter (the same
+    parser and limits: a malformed body is its 400, a missing or non-file field a 422)."""
     try:
+        body = await request.body()
+        upload = single_file_part(request.headers.get("content-type", "").encode("latin-1"), body, field)
+        if upload is not None:
+            return upload
         form = await request.form()
     except HTTPException:  # the parser's refusals (400), or the guard's size limit met while reading
         raise
