@@ -234,8 +234,9 @@ def _limited_http_protocol() -> type:
                 if self.head_read > self.limits.max_header_bytes:
                     self._refuse(b"431 Request Header Fields Too Large", _431)
                     return
-            if self.head_timer is None and (self.in_head or self.idle()):
-                # A head in progress, or bytes that began none (uvicorn stopped the idle timer for them).
+            if self.head_timer is None and (self.in_head or (self.idle() and self.timeout_keep_alive_task is None)):
+                # A head in progress, or bytes that began none (uvicorn stopped the idle timer for them and
+                # no answer completed since, which would have started it again: a refused call's did).
                 self.head_timer = self.loop.call_later(self.limits.header_timeout_s, self._head_timed_out)
 
         def on_message_begin(self) -> None:
