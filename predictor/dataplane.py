@@ -95,6 +95,7 @@ class DataPlane:
         # Job images decode in a lane of their own (one thread): a job of large images queued in the
         # interactive decode threads would hold every interactive call behind it.
         self._job_decoder: concurrent.futures.ThreadPoolExecutor | None = None
+        self._step_series: tuple | None = None  # KServe's step histograms' series of this model (record_steps)
 
     def with_engine(self, engine: Engine, drain: Drain) -> "DataPlane":
         """This data plane's limits, version and calibration on another engine (the engine process's, remote)."""
@@ -109,7 +110,7 @@ class DataPlane:
 
     def __getstate__(self) -> dict:
         # Worker processes (--workers N) receive the data plane pickled: pools and the cache are made there.
-        return {**self.__dict__, "_decoder": None, "_job_decoder": None, "cache": None}
+        return {**self.__dict__, "_decoder": None, "_job_decoder": None, "cache": None, "_step_series": None}
 
     # -- the multipart calls and the jobs ------------------------------------------------------------
     async def classify(self, files: list[bytes | ApiError], top_k: int | None = None, owner: str | None = None,
@@ -137,12 +138,19 @@ class DataPlane:
             results[i] = payloads.classification(p, top_k) if isinstance(p, np.ndarray) else p
             if keys[i] is not None and isinstance(p, np.ndarray):
                 fresh[keys[i]] = results[i]
-        PRE_HIST_TIME.labels(self.model_name).observe(decoded - started)
-        PREDICT_HIST_TIME.labels(self.model_name).observe(predicted - decoded)
-        POST_HIST_TIME.labels(self.model_name).observe(time.perf_counter() - predicted)
+        self.record_steps(decoded - started, predicted - decoded, time.perf_counter() - predicted)
         if self.cache is not None:
             await self.cache.put_many(fresh)
         return results, False
+
+    def record_steps(self, preprocess_s: float, predict_s: float, postprocess_s: float) -> None:
+        """One call's time in each step, in KServe's own histograms (request_preprocess_seconds, ...)."""
+        if self._step_series is None:
+            self._step_series = tuple(hist.labels(self.model_name) for hist in (PRE_HIST_TIME, PREDICT_HIST_TIME, POST_HIST_TIME))
+        pre, predict, post = self._step_series
+        pre.observe(preprocess_s)
+        predict.observe(predict_s)
+        post.observe(postprocess_s)
 
     # -- the steps, for the kserve.Model's preprocess / predict / postprocess ------------------------
     async def decode(self, files: list[bytes | ApiError], keep_errors: bool, background: bool = False) -> Slots:

@@ -9,10 +9,11 @@ the body into image slots before and rendering the answer after.
 import ctypes
 import gc
 import logging
+import time
 
 import kserve
 import numpy as np
-from kserve.protocol.infer_type import InferResponse
+from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from predictor import payloads
 from predictor.config import Settings
@@ -147,6 +148,23 @@ class Cifar10Classifier(kserve.Model):
                           response_headers: dict[str, str] | None = None) -> dict | InferResponse:
         """The answer in the caller's protocol's shape."""
         return result.adapter.render(result.source, result.probabilities, self.name, self.version)
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """A v2 predict call, as `await model(request)` makes it (preprocess -> predict -> postprocess, each
+        timed in KServe's histograms), for the v2 REST route: without the generality of kserve.Model.__call__
+        (verbs, optional arguments found by inspection, a timer context and label lookup per step), which
+        cost a quarter of what this route spends on a call of its own. With KServe's latency logging on,
+        its own __call__ runs, which writes that log."""
+        if self.enable_latency_logging:
+            return (await self(request, headers=None))[0]
+        started = time.perf_counter()
+        prepared = await self.preprocess(request)
+        preprocessed = time.perf_counter()
+        prepared = await self.predict(prepared)
+        predicted = time.perf_counter()
+        response = await self.postprocess(prepared)
+        self.dataplane.record_steps(preprocessed - started, predicted - preprocessed, time.perf_counter() - predicted)
+        return response
 
     def get_input_types(self) -> list[dict]:
         return payloads.V2_INPUTS

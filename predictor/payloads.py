@@ -188,11 +188,13 @@ def v2_response(request: InferRequest, model_name: str, version: str, probabilit
     its `binary_data` (or the request's `binary_data_output`) says so."""
     labels = np.array([CLASSES[i] for i in probabilities.argmax(1)], dtype=np.object_)
     outputs = [
-        InferOutput("probabilities", list(probabilities.shape), "FP32"),
-        InferOutput("label", [len(labels)], "BYTES"),
+        InferOutput("probabilities", list(probabilities.shape), "FP32", data=probabilities.astype(np.float32)),
+        InferOutput("label", [len(labels)], "BYTES", data=labels),
     ]
-    outputs[0].set_data_from_numpy(probabilities.astype(np.float32), binary_data=False)
-    outputs[1].set_data_from_numpy(labels, binary_data=False)
+    if request.from_grpc:  # gRPC answers carry typed contents (fp32_contents, bytes_contents) unless raw is asked
+        outputs[0].set_data_from_numpy(outputs[0].data, binary_data=False)
+        outputs[1].set_data_from_numpy(labels, binary_data=False)
+    # Over REST the arrays stay: InferResponse.to_rest renders each once, as JSON or binary as asked.
     requested = request.request_outputs or None
     if requested:
         by_name = {o.name: o for o in outputs}

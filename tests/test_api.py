@@ -215,6 +215,14 @@ def test_metrics_names_and_seed_queries(server, cifar_jpegs):
     assert all(after >= first + 1 for first, after in zip(before, stage_counts(server))), (before, stage_counts(server))
 
 
+def test_kserve_stage_histograms_count_v2_calls(server, cifar_jpegs):
+    before = stage_counts(server)
+    image = base64.b64encode(cifar_jpegs["cat_0000.jpg"]).decode()
+    reply = server.client.post(V2, json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [image]}]})
+    assert reply.status_code == 200
+    assert all(after >= first + 1 for first, after in zip(before, stage_counts(server))), (before, stage_counts(server))
+
+
 def test_concurrent_requests_are_batched(server, holdout):
     def batch_histogram() -> tuple[float, float]:
         text = server.client.get("/metrics").text

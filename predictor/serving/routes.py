@@ -8,8 +8,9 @@ The hot routes, `POST /classify/image` and `POST /v2/models/{name}/infer`, are p
 endpoints: FastAPI's per-request machinery (dependency solving, validation models, response encoding)
 buys them nothing. /classify/image checks its query parameter and form field in its own words; a
 FastAPI route with the same signature follows it only to describe it in /openapi.json (and /docs). The
-v2 route reads the body itself (predictor.payloads.v2_request: binary inputs stay bytes) and calls the
-kserve.Model as KServe's own handler would; KServe's route, after it, still describes it.
+v2 route reads the body itself (predictor.payloads.v2_request: binary inputs stay bytes) and runs the
+kserve.Model's steps as KServe's own handler would (Cifar10Classifier.infer); KServe's route, after it,
+still describes it.
 """
 
 from importlib import metadata as package_metadata
@@ -105,7 +106,7 @@ def build_router(model: Cifar10Classifier) -> APIRouter:
             raise NOT_READY
         json_length = request.headers.get("inference-header-content-length")
         infer_request = v2_request(await request.body(), None if json_length is None else int(json_length), model_name)
-        response, _ = await model(infer_request, headers=None)
+        response = await model.infer(infer_request)
         body, json_length = response.to_rest()
         if json_length is not None:  # binary outputs: a JSON header, then their bytes
             return Response(body, media_type="application/octet-stream",
