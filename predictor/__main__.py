@@ -64,7 +64,6 @@ def main() -> None:
         kserve_compat.use_patient_workers(install_in_worker)
     else:
         install(model_server.app, model)
-    kserve_compat.use_event_loop(args.event_loop)
     # KServe hands grace_period to uvicorn as its graceful-shutdown timeout: the drain window.
     model_server.ModelServer(grace_period=settings.drain_timeout_s,
                              enable_latency_logging=args.enable_latency_logging).start([model])

@@ -95,18 +95,3 @@ def test_a_call_writes_no_log_line_unless_the_access_log_is_asked_for(server, ci
         assert '"POST /classify/image HTTP/1.1" 200' in logging.log()
     finally:
         logging.stop()
-
-
-def runs_uvloop(pid: int) -> bool:
-    """Whether uvloop's event loop extension is loaded in process `pid`."""
-    return "uvloop/loop." in open(f"/proc/{pid}/maps").read()
-
-
-def test_the_server_runs_on_the_event_loop_kserve_s_flag_names(server):
-    assert runs_uvloop(server.process.pid)  # --event-loop auto (KServe's default): uvloop, installed with uvicorn[standard]
-    standard = Server("--event-loop", "asyncio")
-    try:
-        assert not runs_uvloop(standard.process.pid)
-        assert standard.client.get("/health").status_code == 200
-    finally:
-        standard.stop()

@@ -12,10 +12,6 @@ Written for kserve 0.21.0 (`WRITTEN_FOR`). Each patch is here because KServe off
   on its size, the idle timeout from the first byte, a bound on open connections), and a front door
   (`use_front_door`): a request refused from its head alone is answered by the protocol itself, with
   no ASGI task, framework or routing;
-- `use_event_loop`: KServe's `--event-loop` (auto: uvloop when installed) for the server process too:
-  KServe hands it to uvicorn only in its multi-process server; ModelServer.start runs everything
-  else (the single-process server, gRPC, the engine process) in `asyncio.run`, on asyncio's own
-  selector loop, written in Python: about a third of the stack's cost per call on the hot routes;
 - `use_grpc_server`: KServe's ModelServer builds the given gRPC server class (ours:
   predictor.serving.grpc_server.GuardedGRPCServer, the HTTP gates on gRPC, no model repository API)
   instead of its GRPCServer;
@@ -36,7 +32,6 @@ It imports nothing of this package: what it installs is handed to it.
 """
 
 import argparse
-import asyncio
 import atexit
 import functools
 import inspect
@@ -346,23 +341,6 @@ def _limited_http_protocol() -> type:
     LimitedHttpProtocol.__module__, LimitedHttpProtocol.__qualname__ = __name__, "LimitedHttpProtocol"
     globals()["LimitedHttpProtocol"] = LimitedHttpProtocol
     return LimitedHttpProtocol
-
-
-def use_event_loop(name: str) -> None:
-    """Run ModelServer.start's `asyncio.run` on the loop KServe's `--event-loop` names ("auto": uvloop
-    when it is installed, as uvicorn reads it; "asyncio": the standard library's)."""
-    if name == "asyncio":
-        return
-    try:
-        import uvloop
-    except ImportError:
-        if name == "uvloop":
-            raise
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    # ModelServer.start asks for the current loop before asyncio.run makes its own: asyncio's policy
-    # makes one on demand in the main thread, uvloop's refuses.
-    asyncio.set_event_loop(asyncio.new_event_loop())
 
 
 def use_grpc_server(server_class: type) -> None:
